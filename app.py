@@ -1,0 +1,533 @@
+"""The customers blueprint, its Flask glue and error mapping, and the standalone app factory."""
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from urllib.parse import quote
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import ClientDisconnected, HTTPException
+from werkzeug.routing import BaseConverter
+
+import storage
+from schemas import customer_schema, pagination_schema
+
+bp = Blueprint("customers", __name__, cli_group="customers")
+
+SETTINGS = (
+    "CUSTOMERS_DATABASE",
+    "CUSTOMERS_API_KEYS",
+    "CUSTOMERS_API_KEY_FILE",
+    "CUSTOMERS_REQUIRE_API_KEY",
+    "CUSTOMERS_MAX_BODY_BYTES",
+    "CUSTOMERS_SQLITE_SYNCHRONOUS",
+    "CUSTOMERS_SQLITE_TIMEOUT",
+)
+PUBLIC_ENDPOINTS = {"customers.openapi_document", "customers.health", "customers.docs"}
+CUSTOMER_MISSING = "param is missing or the value is empty or invalid: customer"
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+REQUEST_ID_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+access_log = logging.getLogger("customers.access")
+error_log = logging.getLogger("customers.errors")
+
+
+class ApiError(Exception):
+    """An error the API answers with its envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str | None = None,
+        details: dict | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(code)
+        self.status, self.code, self.message = status, code, message
+        self.details, self.headers = details, headers or {}
+
+
+class CustomerIdConverter(BaseConverter):
+    """Any non-empty rest of the path, slashes included: every customer_id is addressable."""
+
+    regex = ".+"
+    part_isolating = False
+
+
+class _CurrentStreamHandler(logging.StreamHandler):
+    """A handler that writes to the current sys.stdout or sys.stderr, even if it was swapped."""
+
+    def __init__(self, name: str):
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """Send access lines to stdout and errors to stderr, once per process."""
+    for logger, stream in ((access_log, "stdout"), (error_log, "stderr")):
+        if not logger.handlers:
+            handler = _CurrentStreamHandler(stream)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
+@bp.record_once
+def _on_register(state) -> None:
+    state.app.url_map.converters.setdefault("customer_id", CustomerIdConverter)
+    _setup_logging()
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def setting(name: str):
+    """A CUSTOMERS_* setting of the current app, or its default."""
+    config = current_app.config
+    if name in config:
+        return config[name]
+    if name == "CUSTOMERS_DATABASE":
+        return os.path.join(current_app.instance_path, "customers.sqlite3")
+    if name == "CUSTOMERS_API_KEY_FILE":
+        return os.path.join(current_app.instance_path, "api-keys")
+    return {
+        "CUSTOMERS_API_KEYS": "",
+        "CUSTOMERS_REQUIRE_API_KEY": True,
+        "CUSTOMERS_MAX_BODY_BYTES": 65536,
+        "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
+        "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
+    }[name]
+
+
+def _flag(value) -> bool:
+    """A boolean setting, from a bool or from an environment string."""
+    if isinstance(value, str):
+        return value.strip().lower() not in {"0", "false", "no", "off", ""}
+    return bool(value)
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+_key_file_cache: dict[str, tuple[tuple, list[str]]] = {}
+
+
+def read_key_file(path: str) -> list[str]:
+    """The keys in a key file, one a line, re-read only when the file changes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return []
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    cached = _key_file_cache.get(path)
+    if cached and cached[0] == stamp:
+        return cached[1]
+    with open(path, encoding="utf-8") as f:
+        keys = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    _key_file_cache[path] = (stamp, keys)
+    return keys
+
+
+def configured_keys() -> list[str]:
+    """Keys from CUSTOMERS_API_KEYS (a comma-separated string or a list)."""
+    keys = setting("CUSTOMERS_API_KEYS") or []
+    if isinstance(keys, str):
+        keys = keys.split(",")
+    return [k.strip() for k in keys if k and k.strip()]
+
+
+def api_keys() -> list[str]:
+    """Every key that opens the API now: configured ones and those in the key file."""
+    return configured_keys() + read_key_file(setting("CUSTOMERS_API_KEY_FILE"))
+
+
+def new_api_key() -> str:
+    """A fresh random API key."""
+    return "cus_" + secrets.token_urlsafe(32)
+
+
+def add_key_to_file(path: str, key: str) -> None:
+    """Append a key to the key file, creating it readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(key + "\n")
+
+
+def ensure_api_key(app: Flask) -> None:
+    """Create a key file with one key when the app has no key at all, and say where it is."""
+    with app.app_context():
+        if not _flag(setting("CUSTOMERS_REQUIRE_API_KEY")) or api_keys():
+            return
+        path = setting("CUSTOMERS_API_KEY_FILE")
+        try:
+            # O_EXCL: when several workers start at once, exactly one creates the key.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new_api_key() + "\n")
+    _setup_logging()
+    error_log.warning("no API key was configured: created one in %s", path)
+
+
+def key_is_valid(presented: str, keys: list[str]) -> bool:
+    """Compare a presented key with every known key in constant time."""
+    presented_bytes = presented.encode("utf-8", "surrogateescape")
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented_bytes, key.encode("utf-8"))
+    return found
+
+
+def bearer_token() -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+# --- the database connection -----------------------------------------------------------------
+
+_thread = threading.local()
+_migrated: set[tuple[int, str]] = set()
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """The device and inode of a file, raising DatabaseMissing if there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise storage.DatabaseMissing("database file is missing") from None
+    return st.st_dev, st.st_ino
+
+
+def open_database(path: str, synchronous: str, timeout: float) -> sqlite3.Connection:
+    """Open a connection, creating and migrating the database on its first use in this process."""
+    if (os.getpid(), path) not in _migrated:
+        conn = storage.connect(path, synchronous=synchronous, timeout=timeout, create=True)
+        storage.migrate(conn)
+        _migrated.add((os.getpid(), path))
+        return conn
+    return storage.connect(path, synchronous=synchronous, timeout=timeout)
+
+
+def thread_connection(path: str, synchronous: str, timeout: float) -> sqlite3.Connection:
+    """This thread's connection to ``path``, reopened if the file was replaced or the process forked.
+
+    Connections are kept per thread and per process: opening one costs more than most requests.
+    """
+    key = (os.getpid(), path, synchronous, timeout)
+    cached = getattr(_thread, "connections", None)
+    if cached is None:
+        cached = _thread.connections = {}
+    entry = cached.get(key)
+    if entry is not None:
+        try:
+            identity = _file_identity(path)
+        except storage.DatabaseMissing:
+            drop_thread_connection(path)
+            raise
+        if entry[0] == identity:
+            return entry[1]
+        drop_thread_connection(path)
+    conn = open_database(path, synchronous, timeout)
+    cached[key] = (_file_identity(path), conn)
+    return conn
+
+
+def drop_thread_connection(path: str) -> None:
+    """Close this thread's connections to ``path``, so the next request opens a fresh one."""
+    cached = getattr(_thread, "connections", {})
+    for key in [k for k in cached if k[1] == path]:
+        _, conn = cached.pop(key)
+        if key[0] == os.getpid():
+            conn.close()
+
+
+def get_db() -> sqlite3.Connection:
+    """The connection for this request."""
+    if "customers_db" not in g:
+        synchronous = str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS")).upper()
+        g.customers_db = thread_connection(
+            setting("CUSTOMERS_DATABASE"), synchronous, float(setting("CUSTOMERS_SQLITE_TIMEOUT"))
+        )
+    return g.customers_db
+
+
+@bp.teardown_request
+def _release_db(exc: BaseException | None) -> None:
+    conn = g.pop("customers_db", None)
+    if conn is not None and conn.in_transaction:
+        conn.rollback()
+
+
+# --- request parsing -------------------------------------------------------------------------
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_object(pairs: list[tuple[str, object]]) -> dict:
+    """Build a JSON object, refusing duplicate keys and strings that are not valid Unicode."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    for key, value in pairs:
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii():
+                text.encode("utf-8")  # raises on a lone surrogate such as "\ud800"
+    return obj
+
+
+def parse_json(data: bytes):
+    """Parse a UTF-8 JSON body strictly, or raise ApiError(400, invalid_json)."""
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_checked_object,
+        )
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+
+
+def json_body():
+    """The request's JSON body, after the media type and size checks."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    request.max_content_length = int(setting("CUSTOMERS_MAX_BODY_BYTES"))
+    return parse_json(request.get_data(cache=False))
+
+
+def customer_payload() -> dict:
+    """The ``customer`` object of the body, or ApiError(400, bad_request)."""
+    body = json_body()
+    customer = body.get("customer") if isinstance(body, dict) else None
+    if not isinstance(customer, dict) or not customer:
+        raise ApiError(400, "bad_request", CUSTOMER_MISSING)
+    return customer
+
+
+# --- request and response hooks --------------------------------------------------------------
+
+
+def assign_request_id() -> None:
+    """Take the caller's X-Request-Id when it is sane, or make one."""
+    if "request_id" in g:
+        return
+    given = request.headers.get("X-Request-Id", "")
+    if 1 <= len(given) <= 200 and REQUEST_ID_CHARS.issuperset(given):
+        g.request_id = given
+    else:
+        g.request_id = uuid.uuid4().hex
+    g.request_started = time.perf_counter()
+
+
+def require_api_key() -> None:
+    """Refuse the request with 401 unless it carries a valid key."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
+    if not _flag(setting("CUSTOMERS_REQUIRE_API_KEY")):
+        return
+    token = bearer_token()
+    if token is None or not key_is_valid(token, api_keys()):
+        raise ApiError(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def finish_response(response):
+    """Add the common headers and write the access log line, once per request."""
+    if g.get("response_finished"):
+        return response
+    g.response_finished = True
+    assign_request_id()
+    response.headers["X-Request-Id"] = g.request_id
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Cache-Control", "no-store")
+    elapsed_ms = (time.perf_counter() - g.request_started) * 1000
+    access_log.info(
+        "request_id=%s remote=%s method=%s path=%s status=%d duration_ms=%.1f",
+        g.request_id,
+        request.remote_addr,
+        request.method,
+        quote(request.path[:300], safe="/:@!$&'()*+,;=-._~"),
+        response.status_code,
+        elapsed_ms,
+    )
+    return response
+
+
+bp.before_request(assign_request_id)
+bp.before_request(require_api_key)
+bp.after_request(finish_response)
+
+
+# --- error mapping ---------------------------------------------------------------------------
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str | None = None,
+    details: dict | None = None,
+    headers: dict | None = None,
+):
+    """The contract's error envelope as a response."""
+    body = {"status": status, "error": HTTPStatus(status).phrase, "code": code}
+    if message:
+        body["message"] = message
+    if details:
+        body["error_details"] = details
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@bp.errorhandler(ApiError)
+def _api_error(e: ApiError):
+    return error_response(e.status, e.code, e.message, e.details, e.headers)
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(e: ValidationError):
+    return error_response(422, "validation_errors", details=e.normalized_messages())
+
+
+def http_error(e: HTTPException):
+    """Werkzeug's HTTP errors in the contract's envelope."""
+    if isinstance(e, ClientDisconnected):
+        return error_response(400, "bad_request", "the request body ended early")
+    headers = {}
+    if e.code == 405 and getattr(e, "valid_methods", None):
+        headers["Allow"] = ", ".join(e.valid_methods)
+    code = HTTP_ERROR_CODES.get(e.code, "http_error")
+    return error_response(e.code, code, headers=headers)
+
+
+bp.register_error_handler(HTTPException, http_error)
+
+
+@bp.errorhandler(sqlite3.DatabaseError)
+def _database_error(e: sqlite3.DatabaseError):
+    drop_thread_connection(setting("CUSTOMERS_DATABASE"))
+    if type(e) is sqlite3.IntegrityError:
+        return _unexpected_error(e)
+    retry = {"Retry-After": "1"}
+    if "locked" in str(e) or "busy" in str(e):
+        return error_response(503, "database_busy", "the database is busy; retry", headers=retry)
+    error_log.error("request_id=%s database unavailable: %s", g.get("request_id"), e)
+    return error_response(503, "database_unavailable", "the database is unavailable", None, retry)
+
+
+@bp.errorhandler(Exception)
+def _unexpected_error(e: Exception):
+    error_log.exception("request_id=%s unexpected error", g.get("request_id"))
+    return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+@bp.post("/api/v1/customers")
+def upsert_customer():
+    """Create the customer, or update the one with that customer_id."""
+    fields = customer_schema.load(customer_payload())
+    customer = storage.upsert_customer(get_db(), fields)
+    return {"customer": customer_schema.dump(customer)}
+
+
+@bp.get("/api/v1/customers/<customer_id:customer_id>", merge_slashes=False)
+def get_customer(customer_id: str):
+    """One customer by its customer_id."""
+    customer = storage.get_customer(get_db(), customer_id)
+    if customer is None:
+        raise ApiError(404, "customer_not_found", "no customer has that customer_id")
+    return {"customer": customer_schema.dump(customer)}
+
+
+@bp.delete("/api/v1/customers/<customer_id:customer_id>", merge_slashes=False)
+def delete_customer(customer_id: str):
+    """Delete a customer and return it as it was."""
+    customer = storage.delete_customer(get_db(), customer_id)
+    if customer is None:
+        raise ApiError(404, "customer_not_found", "no customer has that customer_id")
+    return {"customer": customer_schema.dump(customer)}
+
+
+@bp.get("/api/v1/customers")
+def list_customers():
+    """One page of customers, newest first."""
+    try:
+        args = pagination_schema.load(request.args)
+    except ValidationError as e:
+        raise ApiError(400, "invalid_pagination", details=e.normalized_messages()) from None
+    page, per_page = args["page"], args["per_page"]
+    customers, total = storage.list_customers(get_db(), page, per_page)
+    total_pages = -(-total // per_page)
+    return {
+        "customers": customer_schema.dump(customers, many=True),
+        "meta": {
+            "current_page": page,
+            "next_page": page + 1 if page < total_pages else None,
+            "prev_page": page - 1 if page > 1 else None,
+            "total_pages": total_pages,
+            "total_count": total,
+        },
+    }
+
+
+@bp.get("/health")
+def health():
+    """200 when the database answers, 503 when it does not."""
+    storage.check(get_db())
+    return {"status": "ok"}
+
+
+# --- the standalone app ----------------------------------------------------------------------
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """The standalone service: defaults, then CUSTOMERS_* environment variables, then tests'."""
+    app = Flask(__name__, instance_relative_config=True)
+    for name in SETTINGS:
+        if name in os.environ:
+            app.config[name] = os.environ[name]
+    if test_config:
+        app.config.update(test_config)
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    ensure_api_key(app)
+    app.register_blueprint(bp)
+    # Standalone, the whole app is the API: its 404s and 405s are JSON too.
+    app.before_request(assign_request_id)
+    app.after_request(finish_response)
+    app.register_error_handler(404, http_error)
+    app.register_error_handler(405, http_error)
+    return app

@@ -1,0 +1,214 @@
+"""Marshmallow schemas: the shape of a customer, its rules and its error codes."""
+
+import pycountry
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+
+SEED_EXAMPLE = {
+    "customer_id": "5eb02857-a71e-4ea2-bcf9-57d3a41bc6ba",
+    "name": "Gavin Belson",
+    "country": "US",
+    "address_line1": "5230 Penfield Ave",
+    "address_line2": None,
+    "state": "CA",
+    "zipcode": "91364",
+    "email": "dinesh@piedpiper.test",
+    "city": "Woodland Hills",
+    "url": "http://hooli.com",
+    "phone": "1-171-883-3711 x245",
+    "logo_url": "http://hooli.com/logo.png",
+    "legal_name": "Coleman-Blair",
+    "legal_number": "49-008-2965",
+}
+
+# Kosovo has no ISO code yet; Lago accepts its user-assigned XK, and so do we.
+COUNTRY_CODES = frozenset(c.alpha_2 for c in pycountry.countries) | {"XK"}
+
+TEXT_ERRORS = {
+    "required": "value_is_mandatory",
+    "null": "value_is_mandatory",
+    "invalid": "invalid_type",
+    "invalid_utf8": "invalid_type",
+}
+TOO_LONG = "value_is_too_long"
+
+
+def not_blank(value: str) -> None:
+    """Refuse an empty or white-space-only value."""
+    if not value.strip():
+        raise ValidationError("value_is_mandatory")
+
+
+def required_text(description: str, example: str | None = None) -> fields.String:
+    """A required, non-blank string of at most 255 characters."""
+    return fields.String(
+        required=True,
+        validate=[not_blank, validate.Length(max=255, error=TOO_LONG)],
+        error_messages=TEXT_ERRORS,
+        metadata={"description": description, "example": example},
+    )
+
+
+def optional_text(description: str, max_length: int = 255, *rules, example=None) -> fields.String:
+    """An optional string (``null`` clears it) of at most ``max_length`` characters."""
+    return fields.String(
+        allow_none=True,
+        validate=[*rules, validate.Length(max=max_length, error=TOO_LONG)],
+        error_messages=TEXT_ERRORS,
+        metadata={"description": description, "example": example},
+    )
+
+
+def http_url(description: str, example: str) -> fields.String:
+    """An optional absolute http or https URL."""
+    rule = validate.URL(
+        relative=False, require_tld=False, schemes={"http", "https"}, error="invalid_url_format"
+    )
+    return optional_text(description, 2048, rule, example=example)
+
+
+class CountryCode(fields.String):
+    """An ISO 3166-1 alpha-2 code in any case, loaded upper-case."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).upper()
+
+
+def known_country(value: str) -> None:
+    """Refuse a code that is not ISO 3166-1 alpha-2 (or XK)."""
+    if value not in COUNTRY_CODES:
+        raise ValidationError("not_a_valid_country_code")
+
+
+class CustomerSchema(Schema):
+    """A customer as the API takes it in and gives it back."""
+
+    class Meta:
+        unknown = "raise"
+
+    error_messages = {"unknown": "unknown_field", "type": "invalid_type"}
+
+    lago_id = fields.String(
+        dump_only=True,
+        metadata={
+            "description": "The service's own UUID for the customer, made on insert.",
+            "example": "99a6094e-199b-4101-896a-54e927ce7bd7",
+        },
+    )
+    customer_id = required_text(
+        "Customer unique identifier in your application; sending it again updates the customer.",
+        SEED_EXAMPLE["customer_id"],
+    )
+    name = required_text("Full name of the customer.", SEED_EXAMPLE["name"])
+    country = CountryCode(
+        allow_none=True,
+        validate=known_country,
+        error_messages=TEXT_ERRORS,
+        metadata={
+            "description": "ISO 3166 alpha-2 code of the billing address's country, any case.",
+            "example": "US",
+        },
+    )
+    address_line1 = optional_text(
+        "First line of the billing address.", example=SEED_EXAMPLE["address_line1"]
+    )
+    address_line2 = optional_text("Second line of the billing address.")
+    state = optional_text("State of the billing address.", example="CA")
+    zipcode = optional_text("Zipcode of the billing address.", example="91364")
+    email = optional_text(
+        "Email of the customer.",
+        255,
+        validate.Email(error="invalid_email_format"),
+        example=SEED_EXAMPLE["email"],
+    )
+    city = optional_text("City of the billing address.", example="Woodland Hills")
+    url = http_url("Custom URL of the customer.", SEED_EXAMPLE["url"])
+    phone = optional_text("Phone number of the customer.", example=SEED_EXAMPLE["phone"])
+    logo_url = http_url("Logo URL of the customer.", SEED_EXAMPLE["logo_url"])
+    legal_name = optional_text("Legal company name of the customer.", example="Coleman-Blair")
+    legal_number = optional_text("Legal company number of the customer.", example="49-008-2965")
+    created_at = fields.String(
+        dump_only=True,
+        metadata={"description": "When it was created (UTC).", "example": "2022-04-29T08:59:51Z"},
+    )
+    updated_at = fields.String(
+        dump_only=True,
+        metadata={
+            "description": "When it was last upserted (UTC).",
+            "example": "2022-04-29T08:59:51Z",
+        },
+    )
+
+    @pre_load
+    def drop_unknown_nulls(self, data, **kwargs):
+        """Ignore unknown keys sent as null, as Lago clients send their whole model."""
+        if not isinstance(data, dict):
+            return data
+        fields_ = self.load_fields
+        if all(key in fields_ for key in data):
+            return data
+        return {k: v for k, v in data.items() if k in fields_ or v is not None}
+
+
+INPUT_FIELDS = tuple(name for name, f in CustomerSchema().fields.items() if not f.dump_only)
+
+
+class CustomerEnvelopeSchema(Schema):
+    """The request and response body: one customer under ``customer``."""
+
+    customer = fields.Nested(CustomerSchema, required=True)
+
+
+class CustomerListSchema(Schema):
+    """One page of customers, newest first."""
+
+    class PageMetaSchema(Schema):
+        current_page = fields.Integer(metadata={"description": "This page's number."})
+        next_page = fields.Integer(
+            allow_none=True, metadata={"description": "The next page's number, or null."}
+        )
+        prev_page = fields.Integer(
+            allow_none=True, metadata={"description": "The previous page's number, or null."}
+        )
+        total_pages = fields.Integer(metadata={"description": "How many pages there are."})
+        total_count = fields.Integer(metadata={"description": "How many customers there are."})
+
+    customers = fields.List(fields.Nested(CustomerSchema))
+    meta = fields.Nested(PageMetaSchema)
+
+
+class PaginationSchema(Schema):
+    """The query parameters of the list."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    page = fields.Integer(
+        load_default=1,
+        validate=validate.Range(min=1, error="must_be_at_least_1"),
+        error_messages={"invalid": "invalid_integer"},
+        metadata={"description": "Page number, from 1."},
+    )
+    per_page = fields.Integer(
+        load_default=20,
+        validate=validate.Range(min=1, max=100, error="must_be_between_1_and_100"),
+        error_messages={"invalid": "invalid_integer"},
+        metadata={"description": "Customers per page, 1 to 100."},
+    )
+
+
+class ErrorSchema(Schema):
+    """The envelope of every error."""
+
+    status = fields.Integer(required=True, metadata={"description": "The HTTP status."})
+    error = fields.String(required=True, metadata={"description": "The status's reason phrase."})
+    code = fields.String(required=True, metadata={"description": "A stable machine code."})
+    message = fields.String(metadata={"description": "A sentence for people."})
+    error_details = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Field name to the list of its error codes."},
+    )
+
+
+customer_schema = CustomerSchema()
+pagination_schema = PaginationSchema()

@@ -1,0 +1,197 @@
+"""SQLite storage of customers: plain SQL in a few functions that take a connection."""
+
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+
+FIELDS = (
+    "customer_id",
+    "name",
+    "country",
+    "address_line1",
+    "address_line2",
+    "state",
+    "zipcode",
+    "email",
+    "city",
+    "url",
+    "phone",
+    "logo_url",
+    "legal_name",
+    "legal_number",
+)
+OPTIONAL_FIELDS = FIELDS[2:]
+COLUMNS = ("lago_id", *FIELDS, "created_at", "updated_at")
+
+# Each step runs once, in order, in its own transaction; PRAGMA user_version counts the steps
+# done. Append new steps; never edit or reorder a released one.
+MIGRATIONS = (
+    (
+        """CREATE TABLE customers (
+            id INTEGER PRIMARY KEY,
+            lago_id TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            country TEXT, address_line1 TEXT, address_line2 TEXT, state TEXT, zipcode TEXT,
+            email TEXT, city TEXT, url TEXT, phone TEXT, logo_url TEXT,
+            legal_name TEXT, legal_number TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX customers_newest_first ON customers (created_at DESC, id DESC)",
+        # The list's total is read on every page; counting a large table each time is too slow.
+        "CREATE TABLE customer_count (n INTEGER NOT NULL)",
+        "INSERT INTO customer_count (n) VALUES (0)",
+        """CREATE TRIGGER customers_counted_in AFTER INSERT ON customers
+           BEGIN UPDATE customer_count SET n = n + 1; END""",
+        """CREATE TRIGGER customers_counted_out AFTER DELETE ON customers
+           BEGIN UPDATE customer_count SET n = n - 1; END""",
+    ),
+)
+
+SELECTED = ", ".join(COLUMNS)
+
+# A key absent from the request keeps the stored value: its :set_<field> flag is 0.
+UPSERT_CUSTOMER = f"""
+INSERT INTO customers (lago_id, {", ".join(FIELDS)}, created_at, updated_at)
+VALUES (:lago_id, {", ".join(":" + f for f in FIELDS)}, :now, :now)
+ON CONFLICT (customer_id) DO UPDATE SET
+    name = excluded.name,
+    {", ".join(f"{f} = iif(:set_{f}, excluded.{f}, {f})" for f in OPTIONAL_FIELDS)},
+    updated_at = excluded.updated_at
+RETURNING {SELECTED}
+"""
+
+SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = ?"
+
+DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {SELECTED}"
+
+SELECT_PAGE = f"""
+SELECT {SELECTED} FROM customers
+ORDER BY created_at DESC, id DESC
+LIMIT :limit OFFSET :offset
+"""
+
+SELECT_COUNT = "SELECT n FROM customer_count"
+
+SELECT_ALL = f"SELECT {SELECTED} FROM customers ORDER BY id"
+
+CHECK_SCHEMA = "SELECT count(*) FROM sqlite_master"
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+
+
+class DatabaseMissing(sqlite3.OperationalError):
+    """The database file is not where it should be."""
+
+
+def connect(
+    path: str, *, synchronous: str = "FULL", timeout: float = 5.0, create: bool = False
+) -> sqlite3.Connection:
+    """Open the database with its pragmas set; refuse to create it unless ``create``."""
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
+    if create:
+        _create_private_file(path)
+    elif not os.path.exists(path):
+        raise DatabaseMissing("database file is missing")
+    conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _create_private_file(path: str) -> None:
+    """Create an empty file readable by its owner only, unless it exists."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration step not yet applied; return the schema version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have applied this step while we waited for the lock.
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in step:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def utc_now() -> str:
+    """The current time as the API writes it: ISO 8601, UTC, whole seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def upsert_params(fields: Mapping[str, str | None], now: str) -> dict:
+    """The named parameters of UPSERT_CUSTOMER for one validated customer."""
+    params = {f: fields.get(f) for f in FIELDS}
+    for f in OPTIONAL_FIELDS:
+        params["set_" + f] = f in fields
+    params["lago_id"] = str(uuid.uuid4())
+    params["now"] = now
+    return params
+
+
+def upsert_customer(conn: sqlite3.Connection, fields: Mapping[str, str | None]) -> dict:
+    """Create the customer, or update the keys present in ``fields``; return the row."""
+    with conn:
+        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+    return dict(row)
+
+
+def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
+    """The customer with that id, or None."""
+    row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
+    """Delete the customer and return it as it was, or None if there was none."""
+    with conn:
+        row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[list[dict], int]:
+    """One page of customers, newest first, and the total count."""
+    with conn:
+        conn.execute("BEGIN")  # one read transaction, so the page and the count agree
+        rows = conn.execute(
+            SELECT_PAGE, {"limit": per_page, "offset": (page - 1) * per_page}
+        ).fetchall()
+        total = conn.execute(SELECT_COUNT).fetchone()[0]
+    return [dict(r) for r in rows], total
+
+
+def iter_customers(conn: sqlite3.Connection) -> Iterator[dict]:
+    """Every customer, oldest first, streamed."""
+    for row in conn.execute(SELECT_ALL):
+        yield dict(row)
+
+
+def check(conn: sqlite3.Connection) -> None:
+    """Raise sqlite3.Error unless the database answers."""
+    conn.execute(CHECK_SCHEMA).fetchone()
+
