@@ -13,6 +13,7 @@ import uuid
 from http import HTTPStatus
 from urllib.parse import quote
 
+import click
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import ClientDisconnected, HTTPException
@@ -239,7 +240,7 @@ def open_database(path: str, synchronous: str, timeout: float) -> sqlite3.Connec
 
 
 def thread_connection(path: str, synchronous: str, timeout: float) -> sqlite3.Connection:
-    """This thread's connection to ``path``, reopened if the file was replaced or the process forked.
+    """This thread's connection to ``path``, reopened after a fork or if the file was replaced.
 
     Connections are kept per thread and per process: opening one costs more than most requests.
     """
@@ -437,9 +438,11 @@ bp.register_error_handler(HTTPException, http_error)
 
 @bp.errorhandler(sqlite3.DatabaseError)
 def _database_error(e: sqlite3.DatabaseError):
-    drop_thread_connection(setting("CUSTOMERS_DATABASE"))
     if type(e) is sqlite3.IntegrityError:
         return _unexpected_error(e)
+    # The connection may be what broke: the next request opens a fresh one.
+    g.pop("customers_db", None)
+    drop_thread_connection(setting("CUSTOMERS_DATABASE"))
     retry = {"Retry-After": "1"}
     if "locked" in str(e) or "busy" in str(e):
         return error_response(503, "database_busy", "the database is busy; retry", headers=retry)
@@ -509,6 +512,27 @@ def health():
     """200 when the database answers, 503 when it does not."""
     storage.check(get_db())
     return {"status": "ok"}
+
+
+# --- operator commands (flask customers ...) ------------------------------------------------
+
+
+@bp.cli.command("init-db")
+def init_db_command() -> None:
+    """Create or migrate the database; safe to run any number of times."""
+    path = setting("CUSTOMERS_DATABASE")
+    conn = storage.connect(path, create=True)
+    try:
+        version = storage.migrate(conn)
+    finally:
+        conn.close()
+    click.echo(f"Database ready: {path} (schema version {version})")
+    key_file = setting("CUSTOMERS_API_KEY_FILE")
+    keys = read_key_file(key_file)
+    if keys:
+        click.echo(f"API key (from {key_file}): {keys[0]}")
+    elif configured_keys():
+        click.echo("API keys: those set in CUSTOMERS_API_KEYS")
 
 
 # --- the standalone app ----------------------------------------------------------------------

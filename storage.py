@@ -93,10 +93,11 @@ def connect(
     """Open the database with its pragmas set; refuse to create it unless ``create``."""
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
-    if create:
-        _create_private_file(path)
-    elif not os.path.exists(path):
-        raise DatabaseMissing("database file is missing")
+    if path != ":memory:":
+        if create:
+            _create_private_file(path)
+        elif not os.path.exists(path):
+            raise DatabaseMissing("database file is missing")
     conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
@@ -194,4 +195,3 @@ def iter_customers(conn: sqlite3.Connection) -> Iterator[dict]:
 def check(conn: sqlite3.Connection) -> None:
     """Raise sqlite3.Error unless the database answers."""
     conn.execute(CHECK_SCHEMA).fetchone()
-

@@ -1,0 +1,16 @@
+"""Gunicorn's deployment defaults for the customers service (see the README)."""
+
+import os
+
+bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("CUSTOMERS_WORKERS", "2"))
+worker_class = "sync"
+timeout = 30
+graceful_timeout = 10
+keepalive = 2
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+# The service writes its own access line, with the request id; gunicorn's would repeat it.
+accesslog = None
+errorlog = "-"

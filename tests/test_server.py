@@ -1,0 +1,158 @@
+"""Against a real gunicorn with 2 workers on a loopback port: concurrency and Lago's client."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import venv
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import API_KEY, AUTH, ROOT, SEED, free_port
+
+LAGO_VENV = ROOT / ".cache" / "lago-venv"
+
+
+def test_16_clients_upserting_one_customer_leave_one_row(server):
+    def client_run(client_number: int) -> list[int]:
+        statuses = []
+        with requests.Session() as session:
+            for attempt in range(10):
+                body = {"customer": {**SEED, "name": f"client {client_number} try {attempt}"}}
+                response = session.post(
+                    server.url + "/api/v1/customers", json=body, headers=AUTH, timeout=30
+                )
+                statuses.append(response.status_code)
+        return statuses
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = [s for run in pool.map(client_run, range(16)) for s in run]
+    assert statuses == [200] * 160
+    with sqlite3.connect(server.db_path) as db:
+        rows = db.execute("SELECT customer_id, name FROM customers").fetchall()
+    assert len(rows) == 1
+    assert rows[0][0] == SEED["customer_id"]
+    assert rows[0][1].startswith("client ")
+
+
+def test_the_seed_body_through_curl(server):
+    raw = json.dumps({"customer": SEED})
+    result = subprocess.run(
+        ["curl", "-sS", "-X", "POST", server.url + "/api/v1/customers"]
+        + ["-H", f"Authorization: Bearer {API_KEY}", "-H", "Content-Type: application/json"]
+        + ["-H", "X-Request-Id: curl-1", "-d", raw],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert json.loads(result.stdout)["customer"]["customer_id"] == SEED["customer_id"]
+    assert "request_id=curl-1" in server.log()
+
+
+def lago_python() -> Path:
+    """The python of a venv holding lago-python-client 0.5.0, made once and kept in .cache/."""
+    python = LAGO_VENV / "bin" / "python"
+    marker = LAGO_VENV / ".installed"
+    if not marker.exists():
+        venv.create(LAGO_VENV, with_pip=True, clear=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet"]
+            + ["lago-python-client==0.5.0", "pydantic<2"],
+            check=True,
+            timeout=600,
+        )
+        marker.touch()
+    return python
+
+
+LAGO_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from lago_python_client.client import Client
+    from lago_python_client.clients.base_client import LagoApiError
+    from lago_python_client.models.customer import Customer
+
+    url, key = sys.argv[1], sys.argv[2]
+    client = Client(api_key=key, api_url=url)
+    created = client.customers().create(Customer(customer_id="lago-1", name="Gavin", country="US"))
+    updated = client.customers().create(
+        Customer(customer_id="lago-1", name="Gavin Belson", city="Woodland Hills")
+    )
+    try:
+        client.customers().create(Customer(customer_id="lago-1", name="G", country="XX"))
+        bad_country = "accepted"
+    except LagoApiError as e:
+        bad_country = str(e)
+    print(json.dumps({
+        "created": created.dict(), "updated": updated.dict(), "bad_country": bad_country,
+    }))
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def lago_client_python():
+    try:
+        return lago_python()
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"could not install lago-python-client 0.5.0: {e}")
+
+
+def test_lagos_python_client_of_2022_works_unchanged(server, lago_client_python):
+    result = subprocess.run(
+        [str(lago_client_python), "-c", LAGO_SCRIPT, server.url, API_KEY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["created"]["customer_id"] == "lago-1"
+    assert out["created"]["country"] == "US"
+    assert out["updated"]["lago_id"] == out["created"]["lago_id"]
+    assert out["updated"]["name"] == "Gavin Belson"
+    assert out["updated"]["city"] == "Woodland Hills"
+    # The client sends every field of its model, so absent-in-Python means null: it clears.
+    assert out["updated"]["country"] is None
+    assert "Status code: 422" in out["bad_country"]
+    assert "not_a_valid_country_code" in out["bad_country"]
+
+
+def test_importing_wsgi_opens_no_database(tmp_path):
+    db = tmp_path / "lazy.sqlite3"
+    env = {"PATH": "/usr/bin:/bin", "CUSTOMERS_DATABASE": str(db), "CUSTOMERS_API_KEYS": API_KEY}
+    subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, check=True, timeout=60)
+    assert not db.exists()
+
+
+def test_flask_development_server_serves_the_api(tmp_path):
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CUSTOMERS_DATABASE": str(tmp_path / "dev.sqlite3"),
+        "CUSTOMERS_API_KEYS": API_KEY,
+    }
+    command = [sys.executable, "-m", "flask", "--app", "wsgi", "run", "-p", str(port)]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        response = requests.post(url + "/api/v1/customers", json={"customer": SEED}, headers=AUTH)
+        assert response.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,71 @@
+"""The standalone app: its first-start API key, its settings, its JSON 404 and 405."""
+
+import os
+import stat
+
+from conftest import AUTH, SEED, post_customer
+
+from app import create_app
+
+
+def test_first_start_creates_a_private_key_file_and_says_where(tmp_path, capsys):
+    key_file = tmp_path / "api-keys"
+    app = create_app(
+        {"CUSTOMERS_DATABASE": str(tmp_path / "d.sqlite3"), "CUSTOMERS_API_KEY_FILE": str(key_file)}
+    )
+    key = key_file.read_text().strip()
+    assert len(key) >= 32
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    err = capsys.readouterr().err
+    assert str(key_file) in err and key not in err
+    client = app.test_client()
+    response = post_customer(client, SEED, headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+    assert post_customer(client, SEED, headers={}).status_code == 401
+    # A second start keeps the same key.
+    create_app({"CUSTOMERS_API_KEY_FILE": str(key_file)})
+    assert key_file.read_text().strip() == key
+
+
+def test_no_key_file_is_made_when_keys_are_configured(tmp_path):
+    create_app({"CUSTOMERS_API_KEYS": "k", "CUSTOMERS_API_KEY_FILE": str(tmp_path / "keys")})
+    assert not (tmp_path / "keys").exists()
+
+
+def test_environment_variables_configure_the_app(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUSTOMERS_DATABASE", str(tmp_path / "env.sqlite3"))
+    monkeypatch.setenv("CUSTOMERS_API_KEYS", "env-key-1,env-key-2")
+    monkeypatch.setenv("CUSTOMERS_MAX_BODY_BYTES", "50")
+    monkeypatch.setenv("CUSTOMERS_SQLITE_SYNCHRONOUS", "normal")
+    client = create_app().test_client()
+    headers = {"Authorization": "Bearer env-key-2"}
+    assert post_customer(client, {"customer_id": "c", "name": "N"}, headers).status_code == 200
+    assert post_customer(client, SEED, headers).status_code == 413
+    assert (tmp_path / "env.sqlite3").exists()
+
+
+def test_test_config_overrides_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUSTOMERS_API_KEYS", "env-key")
+    app = create_app({"CUSTOMERS_API_KEYS": "test-only", "CUSTOMERS_DATABASE": str(tmp_path / "d")})
+    headers = {"Authorization": "Bearer env-key"}
+    assert post_customer(app.test_client(), SEED, headers).status_code == 401
+
+
+def test_unknown_route_is_json_404_with_or_without_a_key(client):
+    for headers in ({}, AUTH):
+        response = client.get("/api/v1/nothing-here", headers=headers)
+        assert response.status_code == 404
+        assert response.get_json() == {"status": 404, "error": "Not Found", "code": "not_found"}
+
+
+def test_wrong_method_is_json_405_with_allow(client):
+    response = client.patch("/api/v1/customers", headers=AUTH)
+    assert response.status_code == 405
+    assert response.get_json()["code"] == "method_not_allowed"
+    assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+
+
+def test_api_responses_are_not_cached_or_sniffed(client):
+    response = post_customer(client, SEED)
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"

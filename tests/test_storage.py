@@ -1,0 +1,93 @@
+"""The storage functions on their own, on real SQLite connections."""
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+import storage
+
+ALICE = {"customer_id": "alice", "name": "Alice", "country": "FR", "email": "a@example.com"}
+
+
+def test_upsert_inserts_then_updates_present_keys_only(conn):
+    first = storage.upsert_customer(conn, ALICE)
+    assert first["name"] == "Alice" and first["city"] is None
+    second = storage.upsert_customer(conn, {"customer_id": "alice", "name": "A.", "email": None})
+    assert second["lago_id"] == first["lago_id"]
+    assert second["created_at"] == first["created_at"]
+    assert (second["name"], second["country"], second["email"]) == ("A.", "FR", None)
+
+
+def test_upsert_returns_every_column(conn):
+    row = storage.upsert_customer(conn, ALICE)
+    assert tuple(row) == storage.COLUMNS
+
+
+def test_get_and_delete(conn):
+    storage.upsert_customer(conn, ALICE)
+    assert storage.get_customer(conn, "alice")["name"] == "Alice"
+    assert storage.delete_customer(conn, "alice")["name"] == "Alice"
+    assert storage.get_customer(conn, "alice") is None
+    assert storage.delete_customer(conn, "alice") is None
+
+
+def test_list_is_newest_first_with_a_maintained_count(conn):
+    for i in range(5):
+        storage.upsert_customer(conn, {"customer_id": f"c{i}", "name": "N"})
+    storage.upsert_customer(conn, {"customer_id": "c0", "name": "updated, not new"})
+    rows, total = storage.list_customers(conn, page=1, per_page=2)
+    assert [r["customer_id"] for r in rows] == ["c4", "c3"]
+    assert total == 5
+    rows, _ = storage.list_customers(conn, page=3, per_page=2)
+    assert [r["customer_id"] for r in rows] == ["c0"]
+    storage.delete_customer(conn, "c1")
+    assert storage.list_customers(conn, page=9, per_page=2) == ([], 4)
+
+
+def test_iter_customers_streams_oldest_first(conn):
+    for i in range(3):
+        storage.upsert_customer(conn, {"customer_id": f"c{i}", "name": "N"})
+    assert [c["customer_id"] for c in storage.iter_customers(conn)] == ["c0", "c1", "c2"]
+
+
+def test_migrate_is_idempotent_and_records_the_version(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    conn = storage.connect(path, create=True)
+    assert storage.migrate(conn) == len(storage.MIGRATIONS)
+    assert storage.migrate(conn) == len(storage.MIGRATIONS)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(storage.MIGRATIONS)
+    conn.close()
+
+
+def test_connect_sets_wal_synchronous_and_timeout(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    full = storage.connect(path, create=True)
+    assert full.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert full.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    normal = storage.connect(path, synchronous="NORMAL")
+    assert normal.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError):
+        storage.connect(path, synchronous="OFF")
+
+
+def test_connect_refuses_a_missing_file_unless_asked_to_create(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    with pytest.raises(storage.DatabaseMissing):
+        storage.connect(str(path))
+    assert not path.exists()
+    storage.connect(str(path), create=True).close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_write_lock_held_past_the_timeout_raises_operational_error(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    conn = storage.connect(path, create=True, timeout=0.05)
+    storage.migrate(conn)
+    blocker = sqlite3.connect(path)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        storage.upsert_customer(conn, ALICE)
+    blocker.rollback()
+    assert storage.upsert_customer(conn, ALICE)["name"] == "Alice"
