@@ -14,3 +14,5 @@ limit_request_field_size = 8190
 # The service writes its own access line, with the request id; gunicorn's would repeat it.
 accesslog = None
 errorlog = "-"
+# No control socket: one fixed path in $HOME would be shared by every gunicorn on the machine.
+control_socket_disable = True
