@@ -1,5 +1,7 @@
 """Marshmallow schemas: the shape of a customer, its rules and its error codes."""
 
+import re
+
 import pycountry
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
 
@@ -32,10 +34,22 @@ TEXT_ERRORS = {
 TOO_LONG = "value_is_too_long"
 
 
-def not_blank(value: str) -> None:
-    """Refuse an empty or white-space-only value."""
-    if not value.strip():
-        raise ValidationError("value_is_mandatory")
+# Letter by letter in either case, so the OpenAPI document states the same rule as known_country.
+COUNTRY_PATTERN = (
+    "^(" + "|".join(f"[{a}{a.lower()}][{b}{b.lower()}]" for a, b in sorted(COUNTRY_CODES)) + ")"
+)
+# White space is what str.isspace() says, spelled out as \uXXXX: regex dialects disagree on \s.
+WHITE_SPACE = "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace())
+# At least one character that is not white space: the same rule here and in the document.
+not_blank = validate.Regexp(f"^[{WHITE_SPACE}]*[^{WHITE_SPACE}]", error="value_is_mandatory")
+
+
+def described(description: str, example=None, **extra) -> dict:
+    """Field metadata for the OpenAPI document."""
+    metadata = {"description": description, **extra}
+    if example is not None:
+        metadata["example"] = example
+    return metadata
 
 
 def required_text(description: str, example: str | None = None) -> fields.String:
@@ -44,17 +58,19 @@ def required_text(description: str, example: str | None = None) -> fields.String
         required=True,
         validate=[not_blank, validate.Length(max=255, error=TOO_LONG)],
         error_messages=TEXT_ERRORS,
-        metadata={"description": description, "example": example},
+        metadata=described(description, example),
     )
 
 
-def optional_text(description: str, max_length: int = 255, *rules, example=None) -> fields.String:
+def optional_text(
+    description: str, max_length: int = 255, *rules, example=None, **extra
+) -> fields.String:
     """An optional string (``null`` clears it) of at most ``max_length`` characters."""
     return fields.String(
         allow_none=True,
         validate=[*rules, validate.Length(max=max_length, error=TOO_LONG)],
         error_messages=TEXT_ERRORS,
-        metadata={"description": description, "example": example},
+        metadata=described(description, example, **extra),
     )
 
 
@@ -63,7 +79,9 @@ def http_url(description: str, example: str) -> fields.String:
     rule = validate.URL(
         relative=False, require_tld=False, schemes={"http", "https"}, error="invalid_url_format"
     )
-    return optional_text(description, 2048, rule, example=example)
+    return optional_text(
+        description + " An absolute http or https URL.", 2048, rule, example=example, format="uri"
+    )
 
 
 class CountryCode(fields.String):
@@ -103,10 +121,14 @@ class CustomerSchema(Schema):
         allow_none=True,
         validate=known_country,
         error_messages=TEXT_ERRORS,
-        metadata={
-            "description": "ISO 3166 alpha-2 code of the billing address's country, any case.",
-            "example": "US",
-        },
+        metadata=described(
+            "ISO 3166-1 alpha-2 code of the billing address's country (XK too), in any case; "
+            "stored upper-case.",
+            "US",
+            minLength=2,
+            maxLength=2,
+            pattern=COUNTRY_PATTERN,
+        ),
     )
     address_line1 = optional_text(
         "First line of the billing address.", example=SEED_EXAMPLE["address_line1"]
@@ -119,6 +141,7 @@ class CustomerSchema(Schema):
         255,
         validate.Email(error="invalid_email_format"),
         example=SEED_EXAMPLE["email"],
+        format="email",
     )
     city = optional_text("City of the billing address.", example="Woodland Hills")
     url = http_url("Custom URL of the customer.", SEED_EXAMPLE["url"])
@@ -149,11 +172,24 @@ class CustomerSchema(Schema):
         return {k: v for k, v in data.items() if k in fields_ or v is not None}
 
 
-INPUT_FIELDS = tuple(name for name, f in CustomerSchema().fields.items() if not f.dump_only)
+SERVER_OWNED = tuple(name for name, f in CustomerSchema().fields.items() if f.dump_only)
 
 
-class CustomerEnvelopeSchema(Schema):
-    """The request and response body: one customer under ``customer``."""
+class CustomerRequestSchema(Schema):
+    """The body of an upsert: one customer under ``customer``; other top-level keys are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    customer = fields.Nested(
+        CustomerSchema(exclude=SERVER_OWNED),
+        required=True,
+        metadata={"description": "The customer to create, or the keys of it to update."},
+    )
+
+
+class CustomerResponseSchema(Schema):
+    """One customer under ``customer``."""
 
     customer = fields.Nested(CustomerSchema, required=True)
 
@@ -176,19 +212,28 @@ class CustomerListSchema(Schema):
     meta = fields.Nested(PageMetaSchema)
 
 
+class QueryInteger(fields.Integer):
+    """An integer written in plain decimal digits, as a query string carries it."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class PaginationSchema(Schema):
     """The query parameters of the list."""
 
     class Meta:
         unknown = EXCLUDE
 
-    page = fields.Integer(
+    page = QueryInteger(
         load_default=1,
         validate=validate.Range(min=1, error="must_be_at_least_1"),
         error_messages={"invalid": "invalid_integer"},
         metadata={"description": "Page number, from 1."},
     )
-    per_page = fields.Integer(
+    per_page = QueryInteger(
         load_default=20,
         validate=validate.Range(min=1, max=100, error="must_be_between_1_and_100"),
         error_messages={"invalid": "invalid_integer"},
@@ -207,6 +252,14 @@ class ErrorSchema(Schema):
         keys=fields.String(),
         values=fields.List(fields.String()),
         metadata={"description": "Field name to the list of its error codes."},
+    )
+
+
+class HealthSchema(Schema):
+    """The answer of /health."""
+
+    status = fields.String(
+        metadata={"description": "ok when the database answers.", "example": "ok"}
     )
 
 

@@ -177,12 +177,13 @@ def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
 
 def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[list[dict], int]:
     """One page of customers, newest first, and the total count."""
+    offset = (page - 1) * per_page
     with conn:
         conn.execute("BEGIN")  # one read transaction, so the page and the count agree
-        rows = conn.execute(
-            SELECT_PAGE, {"limit": per_page, "offset": (page - 1) * per_page}
-        ).fetchall()
         total = conn.execute(SELECT_COUNT).fetchone()[0]
+        if offset >= total:  # past the end: no scan, and no integer too large for SQLite
+            return [], total
+        rows = conn.execute(SELECT_PAGE, {"limit": per_page, "offset": offset}).fetchall()
     return [dict(r) for r in rows], total
 
 
