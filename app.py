@@ -686,7 +686,11 @@ def _error_responses(statuses: tuple[int, ...]) -> dict:
 def _operation(endpoint: str) -> dict:
     """The OpenAPI operation of one of our endpoints."""
     method, summary, description, request_schema, errors = OPERATIONS[endpoint]
-    operation = {"summary": summary, "operationId": endpoint.split(".")[1]}
+    operation = {
+        "summary": summary,
+        "operationId": endpoint.split(".")[1],
+        "tags": ["service" if endpoint in PUBLIC_ENDPOINTS else "customers"],
+    }
     if description:
         operation["description"] = description
     if endpoint in PUBLIC_ENDPOINTS:

@@ -1,0 +1,178 @@
+"""The OpenAPI document, schemathesis against a live gunicorn, and /docs in a real Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, ROOT
+from flask import Flask
+from openapi_spec_validator import validate
+
+import storage
+from app import bp
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=15000",
+]
+
+
+def test_document_is_valid_openapi(client):
+    response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    validate(response.get_json())
+
+
+def test_document_needs_no_key_and_the_api_does(client):
+    document = client.get("/api/v1/openapi.json").get_json()
+    assert document["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }
+    assert document["security"] == [{"bearerAuth": []}]
+    for path in ("/api/v1/openapi.json", "/health", "/docs"):
+        assert document["paths"][path]["get"]["security"] == []
+
+
+def test_every_route_is_in_the_document(app, client):
+    document = client.get("/api/v1/openapi.json").get_json()
+    documented = {
+        (path, method.upper())
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    routes = {
+        (rule.rule.replace("<customer_id:customer_id>", "{customer_id}"), method)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("customers.") and rule.endpoint != "customers.docs_asset"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert routes == documented
+
+
+def test_every_operation_documents_its_errors_and_request_id(client):
+    document = client.get("/api/v1/openapi.json").get_json()
+    post = document["paths"]["/api/v1/customers"]["post"]
+    assert set(post["responses"]) == {"200", "400", "401", "413", "415", "422", "500", "503"}
+    get_one = document["paths"]["/api/v1/customers/{customer_id}"]["get"]
+    assert set(get_one["responses"]) == {"200", "401", "404", "500", "503"}
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            assert operation["summary"]
+            for response in operation["responses"].values():
+                assert "X-Request-Id" in response["headers"]
+
+
+def test_the_request_schema_is_the_marshmallow_schema(client):
+    document = client.get("/api/v1/openapi.json").get_json()
+    schemas = document["components"]["schemas"]
+    customer_input = schemas["CustomerInput"]
+    assert set(customer_input["properties"]) == set(storage.FIELDS)
+    assert set(customer_input["required"]) == {"customer_id", "name"}
+    assert customer_input["properties"]["name"]["maxLength"] == 255
+    assert customer_input["properties"]["url"]["maxLength"] == 2048
+    assert customer_input["properties"]["email"]["nullable"] is True
+    assert all(p.get("description") for p in customer_input["properties"].values())
+    assert set(schemas["Customer"]["properties"]) == set(storage.COLUMNS)
+    example = document["paths"]["/api/v1/customers"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]["example"]
+    seed = (ROOT.parent / "shared" / "seed" / "000_cbd52ec4bf99742f.txt").read_text()
+    seed_json = seed.split("```json")[1].split("```")[0].replace('"49-008-2965",', '"49-008-2965"')
+    assert example == json.loads(seed_json)
+
+
+def test_document_paths_follow_the_blueprints_prefix(tmp_path):
+    host = Flask("host", instance_path=str(tmp_path))
+    host.config["CUSTOMERS_API_KEYS"] = [API_KEY]
+    host.register_blueprint(bp, url_prefix="/billing")
+    document = host.test_client().get("/billing/api/v1/openapi.json").get_json()
+    assert "/billing/api/v1/customers/{customer_id}" in document["paths"]
+    validate(document)
+
+
+def test_docs_assets_are_served_locally(client):
+    page = client.get("/docs").get_data(as_text=True)
+    assert "http://" not in page and "https://" not in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        with client.get(f"/docs/assets/{asset}") as response:
+            assert response.status_code == 200
+
+
+def test_schemathesis_finds_nothing_against_a_live_gunicorn(server):
+    command = [
+        str(Path(ROOT / ".venv" / "bin" / "st")),
+        "run",
+        server.url + "/api/v1/openapi.json",
+        "--header",
+        f"Authorization: Bearer {API_KEY}",
+        "--max-examples",
+        "150",
+        "--no-color",
+    ]
+    if not Path(command[0]).exists():
+        command[0] = shutil.which("st") or "st"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
+    assert "status=200" in server.log()
+    assert not re.search(r"status=5\d\d", server.log())
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed: `make test` installs it")
+    return path
+
+
+def test_docs_page_renders_every_operation_in_chromium(server, chromium):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom"]
+            + [server.url + "/docs"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1280,1400"]
+            + [f"--screenshot={ARTIFACTS / 'docs.png'}", server.url + "/docs"],
+            capture_output=True,
+            timeout=120,
+        )
+    # What the browser built from the document, not what the server sent: the page's HTML
+    # has none of these; Swagger UI renders them after fetching openapi.json.
+    for operation_id in (
+        "upsert_customer",
+        "get_customer",
+        "list_customers",
+        "delete_customer",
+        "health",
+    ):
+        assert (
+            f'href="#/customers/{operation_id}"' in dom or f'href="#/service/{operation_id}"' in dom
+        )
+    assert 'data-path="/api/v1/customers/{customer_id}"' in dom
+    assert "Authorize" in dom
+    assert (ARTIFACTS / "docs.png").stat().st_size > 10_000
+    assert "path=/api/v1/openapi.json status=200" in server.log()
+
+
+def test_docs_page_html_alone_has_no_operations(client):
+    page = client.get("/docs").get_data(as_text=True)
+    assert "upsert_customer" not in page
