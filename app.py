@@ -1,15 +1,25 @@
 """The customers blueprint, its Flask glue and error mapping, and the standalone app factory."""
 
+import collections
+import contextlib
+import csv
+import fcntl
 import hmac
+import io
 import json
 import logging
 import os
+import re
 import secrets
+import signal
 import sqlite3
+import stat
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from http import HTTPStatus
 from urllib.parse import quote
 
@@ -315,28 +325,43 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _checked_object(pairs: list[tuple[str, object]]) -> dict:
-    """Build a JSON object, refusing duplicate keys and strings that are not valid Unicode."""
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """Build a JSON object, refusing duplicate keys."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("duplicate key")
-    for key, value in pairs:
-        for text in (key, value):
-            if isinstance(text, str) and not text.isascii():
-                text.encode("utf-8")  # raises on a lone surrogate such as "\ud800"
     return obj
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a string that is not valid Unicode (e.g. "\\ud800")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def parse_json(data: bytes):
     """Parse a UTF-8 JSON body strictly, or raise ApiError(400, invalid_json)."""
     try:
-        return json.loads(
-            data.decode("utf-8"),
-            parse_constant=_reject_constant,
-            object_pairs_hook=_checked_object,
-        )
+        text = data.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        # Only a \\u escape can make a surrogate; strict UTF-8 bytes never do.
+        if SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+            raise ValueError("lone surrogate")
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    return value
 
 
 def json_body():
@@ -777,22 +802,359 @@ def openapi_spec(app: Flask) -> dict:
 # --- operator commands (flask customers ...) ------------------------------------------------
 
 
+KEY_PREFIX_LENGTH = 12
+IMPORT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+EXTRA_CELLS = "\0extra"  # csv.DictReader's key for cells beyond the header
+
+
+def command_connection() -> sqlite3.Connection:
+    """A connection for an operator command, to a database created and migrated if need be."""
+    conn = storage.connect(
+        setting("CUSTOMERS_DATABASE"),
+        synchronous=str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS")).upper(),
+        timeout=float(setting("CUSTOMERS_SQLITE_TIMEOUT")),
+        create=True,
+    )
+    storage.migrate(conn)
+    return conn
+
+
 @bp.cli.command("init-db")
 def init_db_command() -> None:
     """Create or migrate the database; safe to run any number of times."""
-    path = setting("CUSTOMERS_DATABASE")
-    conn = storage.connect(path, create=True)
-    try:
-        version = storage.migrate(conn)
-    finally:
-        conn.close()
-    click.echo(f"Database ready: {path} (schema version {version})")
+    command_connection().close()
+    click.echo(f"Database ready: {setting('CUSTOMERS_DATABASE')}")
     key_file = setting("CUSTOMERS_API_KEY_FILE")
     keys = read_key_file(key_file)
     if keys:
         click.echo(f"API key (from {key_file}): {keys[0]}")
     elif configured_keys():
         click.echo("API keys: those set in CUSTOMERS_API_KEYS")
+
+
+@contextlib.contextmanager
+def key_file_lock(path: str):
+    """Hold an exclusive lock beside the key file while it is changed."""
+    fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_key_file(path: str, keys: list[str]) -> None:
+    """Replace the key file atomically, readable by its owner only."""
+    temporary = path + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(key + "\n" for key in keys)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+@bp.cli.command("create-api-key")
+def create_api_key_command() -> None:
+    """Make a new random API key, store it in the key file and print it, once."""
+    path = setting("CUSTOMERS_API_KEY_FILE")
+    key = new_api_key()
+    with key_file_lock(path):
+        add_key_to_file(path, key)
+    click.echo(key)
+    click.echo(f"Stored in {path}. It is not shown again: keep it now.", err=True)
+
+
+@bp.cli.command("list-api-keys")
+def list_api_keys_command() -> None:
+    """Show the prefix of each key in the key file."""
+    for key in read_key_file(setting("CUSTOMERS_API_KEY_FILE")):
+        click.echo(key[:KEY_PREFIX_LENGTH] + "...")
+    if configured_keys():
+        click.echo(f"(and {len(configured_keys())} key(s) set in CUSTOMERS_API_KEYS)")
+
+
+@bp.cli.command("revoke-api-key")
+@click.argument("prefix")
+def revoke_api_key_command(prefix: str) -> None:
+    """Remove the one key of the key file that starts with PREFIX."""
+    path = setting("CUSTOMERS_API_KEY_FILE")
+    with key_file_lock(path):
+        keys = read_key_file(path)
+        matches = [key for key in keys if key.startswith(prefix)]
+        if len(matches) != 1:
+            found = "no key" if not matches else f"{len(matches)} keys"
+            raise click.ClickException(f"{found} of {path} start with {prefix!r}")
+        write_key_file(path, [key for key in keys if key != matches[0]])
+    click.echo(f"Revoked {matches[0][:KEY_PREFIX_LENGTH]}...")
+
+
+def _unwrap(value) -> object:
+    """A customer, with or without its ``{"customer": ...}`` envelope."""
+    if isinstance(value, dict) and isinstance(value.get("customer"), dict):
+        return value["customer"]
+    return value
+
+
+def jsonl_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
+    """(line number, line, None) for each non-blank line of a JSON Lines stream."""
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            yield number, line, None
+
+
+def csv_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
+    """(line number, customer, parse errors) for each record of a CSV stream with a header.
+
+    An empty cell is null: it clears that field of an existing customer.
+    """
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text, restkey=EXTRA_CELLS)
+    while True:
+        number = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield number, None, {"_row": ["invalid_csv"]}
+            continue
+        customer = {k: (v if v else None) for k, v in record.items() if k != EXTRA_CELLS}
+        if EXTRA_CELLS in record:
+            yield number, customer, {"_row": ["too_many_cells"]}
+        elif not _is_utf8(customer):
+            yield number, customer, {"_row": ["invalid_utf8"]}
+        else:
+            yield number, customer, None
+
+
+def _is_utf8(customer: dict) -> bool:
+    """Whether every key and value decoded from the file was valid UTF-8."""
+    try:
+        for key, value in customer.items():
+            (key or "").encode("utf-8")
+            (value or "").encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]:
+    """(line number, raw row if refused, upsert parameter values, errors) for a chunk of rows,
+    each parsed if need be and put through the API's schema. Runs in the import's workers."""
+    now = storage.utc_now()
+    checked = []
+    for number, raw, errors in rows:
+        if errors is None and isinstance(raw, bytes):
+            try:
+                raw = _unwrap(parse_json(raw))
+            except ApiError as e:
+                raw, errors = raw.decode("utf-8", "replace").rstrip("\n"), {"_row": [e.code]}
+        if errors is None and (not isinstance(raw, dict) or not raw):
+            errors = {"_row": ["bad_request"]}
+        if errors is None:
+            try:
+                fields = schemas.customer_import_schema.load(raw)
+                # Values only, in UPSERT_PARAMS order: a third of the bytes to send back.
+                values = tuple(storage.upsert_params(fields, now).values())
+                checked.append((number, None, values, None))
+                continue
+            except ValidationError as e:
+                errors = e.normalized_messages()
+        checked.append((number, raw, None, errors))
+    return checked
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    """Lists of ``size`` rows (the last one shorter)."""
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C is the main process's to handle: it rolls back the batch and reports.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def checked_batches(rows: Iterator, batch_size: int, jobs: int) -> Iterator[list]:
+    """check_rows over each batch, in file order, on ``jobs`` worker processes (in-process if 1),
+    with only a few batches in flight so memory stays flat whatever the file's size."""
+    if jobs == 1:
+        yield from map(check_rows, _chunks(rows, batch_size))
+        return
+    pool = ProcessPoolExecutor(jobs, initializer=_ignore_sigint)
+    try:
+        in_flight: collections.deque = collections.deque()
+        for chunk in _chunks(rows, batch_size):
+            in_flight.append(pool.submit(check_rows, chunk))
+            if len(in_flight) > 2 * jobs:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ImportReport:
+    """Counts, rejected rows (to stderr and the rejects file) and the progress line."""
+
+    def __init__(self, rejects, total_bytes: int | None, position):
+        self.inserted = self.updated = self.rejected = 0
+        self.rejects, self.total_bytes, self.position = rejects, total_bytes, position
+        self.started = self.last_shown = time.monotonic()
+        self.show_progress = sys.stderr.isatty()
+
+    def reject(self, number: int, raw, errors: dict) -> None:
+        """Report one refused row, with its line number and error codes."""
+        self.rejected += 1
+        click.echo(f"line {number}: rejected: {json.dumps(errors, sort_keys=True)}", err=True)
+        if self.rejects:
+            line = {"line": number, "errors": errors, "customer": raw}
+            self.rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def committed(self, inserted: int, updated: int) -> None:
+        """Count a committed batch, and redraw the progress bar now and then."""
+        self.inserted += inserted
+        self.updated += updated
+        now = time.monotonic()
+        if self.show_progress and now - self.last_shown > 0.2:
+            self.last_shown = now
+            click.echo("\r" + self.progress_line(), err=True, nl=False)
+
+    def progress_line(self) -> str:
+        """A bar of the bytes read (when the size is known) and the rows per second."""
+        rows = self.inserted + self.updated + self.rejected
+        rate = rows / max(time.monotonic() - self.started, 1e-9)
+        bar = ""
+        if self.total_bytes:
+            done = min(self.position() / self.total_bytes, 1.0)
+            filled = int(done * 30)
+            bar = f"[{'#' * filled}{'-' * (30 - filled)}] {done:4.0%}  "
+        return f"{bar}{rows:,} rows  {rate:,.0f} rows/s"
+
+    def summary(self) -> str:
+        """The one-line summary printed at the end."""
+        seconds = time.monotonic() - self.started
+        rows = self.inserted + self.updated + self.rejected
+        return (
+            f"{self.inserted:,} inserted, {self.updated:,} updated, {self.rejected:,} rejected "
+            f"in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+        )
+
+
+def commit_batch(conn: sqlite3.Connection, checked: list, report: "ImportReport") -> None:
+    """Report the refused rows of a batch and upsert the others in one transaction."""
+    valid = []
+    for number, raw, values, errors in checked:
+        if errors:
+            report.reject(number, raw, errors)
+        else:
+            valid.append((number, dict(zip(storage.UPSERT_PARAMS, values, strict=True))))
+    try:
+        with conn:
+            storage.begin_write(conn)
+            inserted = storage.upsert_batch(conn, [params for _, params in valid])
+        report.committed(inserted, len(valid) - inserted)
+    except sqlite3.IntegrityError:  # a restored lago_id that another customer has: find it
+        commit_row_by_row(conn, valid, report)
+
+
+def commit_row_by_row(conn: sqlite3.Connection, valid: list, report: "ImportReport") -> None:
+    """Upsert a batch one row at a time in one transaction, rejecting the rows SQL refuses."""
+    inserted = upserted = 0
+    with conn:
+        storage.begin_write(conn)
+        for number, params in valid:
+            try:
+                inserted += storage.upsert_batch(conn, [params])
+                upserted += 1
+            except sqlite3.IntegrityError:
+                report.reject(number, storage.sent_fields(params), {"lago_id": ["lago_id_taken"]})
+    report.committed(inserted, upserted - inserted)
+
+
+def import_format(stream, given: str | None) -> str:
+    """The format named by --format, or by the file's extension."""
+    if given:
+        return given
+    name = getattr(stream, "name", "-")
+    extension = os.path.splitext(name)[1].lower() if isinstance(name, str) else ""
+    if extension not in IMPORT_FORMATS:
+        raise click.UsageError("cannot tell the format from the file name: give --format")
+    return IMPORT_FORMATS[extension]
+
+
+def _stream_size(stream) -> int | None:
+    """The size of a regular file, or None for a pipe."""
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+@bp.cli.command("import")
+@click.argument("file", type=click.File("rb"))
+@click.option("--format", "file_format", type=click.Choice(["jsonl", "csv"]), help="jsonl or csv")
+@click.option("--rejects", type=click.File("w", encoding="utf-8"), help="write refused rows here")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--jobs",
+    default=min(2, os.cpu_count() or 1),
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="processes that parse and validate rows",
+)
+def import_command(file, file_format: str | None, rejects, batch_size: int, jobs: int) -> None:
+    """Import customers from FILE (JSON Lines or CSV; - for stdin) through the API's rules."""
+    file_format = import_format(file, file_format)
+    rows = jsonl_rows(file) if file_format == "jsonl" else csv_rows(file)
+    report = ImportReport(rejects, _stream_size(file), file.tell)
+    batches = checked_batches(rows, batch_size, jobs)
+    conn = None
+    try:
+        for checked in batches:
+            if conn is None:  # opened after the workers forked, so no connection crosses a fork
+                conn = command_connection()
+            commit_batch(conn, checked, report)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; committed so far: {report.summary()}", err=True)
+        raise SystemExit(130) from None
+    finally:
+        batches.close()
+        if conn is not None:
+            conn.close()
+    if report.show_progress:
+        click.echo("\r" + report.progress_line(), err=True)
+    click.echo(report.summary())
+    if report.rejected:
+        raise SystemExit(1)
+
+
+@bp.cli.command("export")
+@click.argument("file", type=click.File("w", encoding="utf-8"), default="-")
+def export_command(file) -> None:
+    """Write every customer to FILE (default stdout) as JSON Lines, in the API's object shape."""
+    conn = command_connection()
+    count = 0
+    started = time.monotonic()
+    try:
+        with conn:
+            conn.execute("BEGIN")  # one snapshot, while the service goes on writing
+            for line in storage.iter_export_lines(conn):
+                file.write(line + "\n")
+                count += 1
+    finally:
+        conn.close()
+    file.flush()
+    seconds = time.monotonic() - started
+    click.echo(f"exported {count:,} customers in {seconds:.1f} s", err=True)
 
 
 # --- the standalone app ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Marshmallow schemas: the shape of a customer, its rules and its error codes."""
 
 import re
+import uuid
 
 import pycountry
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
@@ -255,6 +256,39 @@ class ErrorSchema(Schema):
     )
 
 
+TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
+
+def api_timestamp(value: str) -> None:
+    """Refuse a timestamp not written as the API writes them (2022-04-29T08:59:51Z)."""
+    if not TIMESTAMP.fullmatch(value):
+        raise ValidationError("invalid_timestamp")
+
+
+def canonical_uuid(value: str) -> None:
+    """Refuse anything but a UUID in its canonical lower-case form."""
+    try:
+        if str(uuid.UUID(value)) == value:
+            return
+    except ValueError:
+        pass
+    raise ValidationError("invalid_uuid")
+
+
+def server_owned(rule) -> fields.String:
+    """A server-owned key as the import command reads it back from an export."""
+    return fields.String(allow_none=True, validate=rule, error_messages=TEXT_ERRORS)
+
+
+class CustomerImportSchema(CustomerSchema):
+    """A customer read by the import command: the API's rules, plus the server-owned keys of an
+    export, which are kept when the customer is created (a restore) and ignored otherwise."""
+
+    lago_id = server_owned(canonical_uuid)
+    created_at = server_owned(api_timestamp)
+    updated_at = server_owned(api_timestamp)
+
+
 class HealthSchema(Schema):
     """The answer of /health."""
 
@@ -264,4 +298,5 @@ class HealthSchema(Schema):
 
 
 customer_schema = CustomerSchema()
+customer_import_schema = CustomerImportSchema()
 pagination_schema = PaginationSchema()

@@ -22,6 +22,7 @@ FIELDS = (
     "legal_name",
     "legal_number",
 )
+REQUIRED = FIELDS[:2]
 OPTIONAL_FIELDS = FIELDS[2:]
 COLUMNS = ("lago_id", *FIELDS, "created_at", "updated_at")
 
@@ -54,15 +55,17 @@ MIGRATIONS = (
 SELECTED = ", ".join(COLUMNS)
 
 # A key absent from the request keeps the stored value: its :set_<field> flag is 0.
-UPSERT_CUSTOMER = f"""
+# lago_id and created_at are only ever written by the insert.
+UPSERT_MANY = f"""
 INSERT INTO customers (lago_id, {", ".join(FIELDS)}, created_at, updated_at)
-VALUES (:lago_id, {", ".join(":" + f for f in FIELDS)}, :now, :now)
+VALUES (:lago_id, {", ".join(":" + f for f in FIELDS)}, :created_at, :updated_at)
 ON CONFLICT (customer_id) DO UPDATE SET
     name = excluded.name,
     {", ".join(f"{f} = iif(:set_{f}, excluded.{f}, {f})" for f in OPTIONAL_FIELDS)},
-    updated_at = excluded.updated_at
-RETURNING {SELECTED}
+    updated_at = :now
 """
+
+UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
 
 SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = ?"
 
@@ -77,6 +80,12 @@ LIMIT :limit OFFSET :offset
 SELECT_COUNT = "SELECT n FROM customer_count"
 
 SELECT_ALL = f"SELECT {SELECTED} FROM customers ORDER BY id"
+
+# The export's lines, made by SQLite's own JSON functions: several times faster than Python.
+EXPORT_LINES = f"""
+SELECT json_object('customer', json_object({", ".join(f"'{c}', {c}" for c in COLUMNS)}))
+FROM customers ORDER BY id
+"""
 
 CHECK_SCHEMA = "SELECT count(*) FROM sqlite_master"
 
@@ -145,21 +154,54 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def new_lago_id() -> str:
+    """A version 7 UUID: it starts with the time, so the lago_id index grows at its end."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
 def upsert_params(fields: Mapping[str, str | None], now: str) -> dict:
-    """The named parameters of UPSERT_CUSTOMER for one validated customer."""
+    """The named parameters of UPSERT_CUSTOMER for one validated customer.
+
+    ``fields`` may carry lago_id, created_at and updated_at (an import restoring an export):
+    they are used only if the customer is created.
+    """
     params = {f: fields.get(f) for f in FIELDS}
     for f in OPTIONAL_FIELDS:
         params["set_" + f] = f in fields
-    params["lago_id"] = str(uuid.uuid4())
+    params["lago_id"] = fields.get("lago_id") or new_lago_id()
+    params["created_at"] = fields.get("created_at") or now
+    params["updated_at"] = fields.get("updated_at") or now
     params["now"] = now
     return params
+
+
+UPSERT_PARAMS = tuple(upsert_params({}, ""))
+
+
+def sent_fields(params: Mapping) -> dict:
+    """The customer that upsert_params was given, back from its parameters."""
+    fields = {f: params[f] for f in FIELDS if f in REQUIRED or params["set_" + f]}
+    fields.update(lago_id=params["lago_id"], created_at=params["created_at"])
+    return fields
+
+
+def upsert_in_transaction(
+    conn: sqlite3.Connection, fields: Mapping[str, str | None], now: str
+) -> tuple[dict, bool]:
+    """Upsert inside the caller's transaction; return the row and whether it was created."""
+    params = upsert_params(fields, now)
+    row = dict(conn.execute(UPSERT_CUSTOMER, params).fetchone())
+    return row, row["lago_id"] == params["lago_id"]
 
 
 def upsert_customer(conn: sqlite3.Connection, fields: Mapping[str, str | None]) -> dict:
     """Create the customer, or update the keys present in ``fields``; return the row."""
     with conn:
-        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
-    return dict(row)
+        row, _ = upsert_in_transaction(conn, fields, utc_now())
+    return row
 
 
 def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
@@ -180,7 +222,7 @@ def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[
     offset = (page - 1) * per_page
     with conn:
         conn.execute("BEGIN")  # one read transaction, so the page and the count agree
-        total = conn.execute(SELECT_COUNT).fetchone()[0]
+        total = count_customers(conn)
         if offset >= total:  # past the end: no scan, and no integer too large for SQLite
             return [], total
         rows = conn.execute(SELECT_PAGE, {"limit": per_page, "offset": offset}).fetchall()
@@ -191,6 +233,30 @@ def iter_customers(conn: sqlite3.Connection) -> Iterator[dict]:
     """Every customer, oldest first, streamed."""
     for row in conn.execute(SELECT_ALL):
         yield dict(row)
+
+
+def iter_export_lines(conn: sqlite3.Connection) -> Iterator[str]:
+    """Every customer as one line of JSON, ``{"customer": {...}}``, oldest first, streamed."""
+    for (line,) in conn.execute(EXPORT_LINES):
+        yield line
+
+
+def count_customers(conn: sqlite3.Connection) -> int:
+    """How many customers there are (kept by triggers, so this reads one row)."""
+    return conn.execute(SELECT_COUNT).fetchone()[0]
+
+
+def upsert_batch(conn: sqlite3.Connection, params: list[dict]) -> int:
+    """Run prepared upserts (see upsert_params) in the caller's transaction; return how many
+    customers they created."""
+    before = count_customers(conn)
+    conn.executemany(UPSERT_MANY, params)
+    return count_customers(conn) - before
+
+
+def begin_write(conn: sqlite3.Connection) -> None:
+    """Start a write transaction now, so a batch never waits for the lock half-way."""
+    conn.execute("BEGIN IMMEDIATE")
 
 
 def check(conn: sqlite3.Connection) -> None:
