@@ -909,7 +909,14 @@ def csv_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
     An empty cell is null: it clears that field of an existing customer.
     """
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.DictReader(text, restkey=EXTRA_CELLS)
+    try:
+        yield from _csv_records(csv.DictReader(text, restkey=EXTRA_CELLS))
+    finally:
+        text.detach()  # the caller owns the file
+
+
+def _csv_records(reader: csv.DictReader) -> Iterator[tuple[int, object, dict | None]]:
+    """(line number, customer, parse errors) for each record of a CSV reader."""
     while True:
         number = reader.line_num + 1
         try:
