@@ -4,13 +4,13 @@
 
 Makes a file of ``--rows`` seed-like customers, imports it into an empty database with
 ``flask customers import`` (a child process, so its peak resident memory is its own), exports it
-with ``flask customers export``, and prints rows per second and peak memory of each.
+with ``flask customers export``, and prints rows per second and the peak memory of each command's
+processes (the import's worker processes included), sampled from /proc.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,15 +43,41 @@ def make_file(path: str, rows: int) -> None:
             f.write(json.dumps({"customer": customer} if i % 2 else customer) + "\n")
 
 
-def run(args: list[str], env: dict, stdout=subprocess.DEVNULL) -> tuple[float, float]:
-    """Run a command; return its wall time in seconds and its peak resident memory in MB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MB summed over a process and its children; PSS shares pages out fairly."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024
+
+
+def run(args: list[str], env: dict) -> tuple[float, float, float]:
+    """Run a command; return its wall time and the peak RSS and PSS of its process tree (MB)."""
     t0 = time.perf_counter()
-    subprocess.run(args, cwd=ROOT, env=env, stdout=stdout, check=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    peak_rss = peak_pss = 0.0
+    while proc.poll() is None:
+        rss, pss = tree_memory_mb(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.05)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss is the largest child so far: run the smaller command first, or read it as a bound.
-    return seconds, max(peak, before) / 1024
+    if proc.returncode:
+        raise SystemExit(f"{args} failed")
+    return seconds, peak_rss, peak_pss
 
 
 def main() -> None:
@@ -71,12 +97,15 @@ def main() -> None:
             "CUSTOMERS_API_KEYS": "bench",
         }
         out = os.path.join(tmp, "export.jsonl")
-        seconds, peak = run([*FLASK, "export", out], env)
-        print(f"empty export: peak {peak:.0f} MB (the interpreter and the app)")
-        seconds, peak = run([*FLASK, "import", source], env)
-        print(f"import: {args.rows / seconds:,.0f} rows/s ({seconds:.1f} s), peak {peak:.0f} MB")
-        seconds, peak = run([*FLASK, "export", out], env)
-        print(f"export: {args.rows / seconds:,.0f} rows/s ({seconds:.1f} s), peak {peak:.0f} MB")
+        for name, command in (
+            ("import", [*FLASK, "import", source]),
+            ("export", [*FLASK, "export", out]),
+        ):
+            seconds, rss, pss = run(command, env)
+            print(
+                f"{name}: {args.rows / seconds:,.0f} rows/s ({seconds:.1f} s); peak memory of"
+                f" its processes: {pss:.0f} MB PSS, {rss:.0f} MB RSS"
+            )
 
 
 if __name__ == "__main__":
