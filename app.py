@@ -480,6 +480,14 @@ def http_error(e: HTTPException):
 bp.register_error_handler(HTTPException, http_error)
 
 
+DATABASE_ERRORS = {
+    "SQLITE_BUSY": ("database_busy", "the database is busy; retry"),
+    "SQLITE_LOCKED": ("database_busy", "the database is busy; retry"),
+    "SQLITE_FULL": ("database_full", "the disk under the database is full"),
+    "SQLITE_READONLY": ("database_read_only", "the database cannot be written"),
+}
+
+
 @bp.errorhandler(sqlite3.DatabaseError)
 def _database_error(e: sqlite3.DatabaseError):
     if type(e) is sqlite3.IntegrityError:
@@ -487,11 +495,14 @@ def _database_error(e: sqlite3.DatabaseError):
     # The connection may be what broke: the next request opens a fresh one.
     g.pop("customers_db", None)
     drop_thread_connection(setting("CUSTOMERS_DATABASE"))
-    retry = {"Retry-After": "1"}
-    if "locked" in str(e) or "busy" in str(e):
-        return error_response(503, "database_busy", "the database is busy; retry", headers=retry)
-    error_log.error("request_id=%s database unavailable: %s", g.get("request_id"), e)
-    return error_response(503, "database_unavailable", "the database is unavailable", None, retry)
+    name = getattr(e, "sqlite_errorname", None) or "unknown"
+    primary = "_".join(name.split("_")[:2])  # SQLITE_READONLY_DBMOVED is a SQLITE_READONLY
+    code, message = DATABASE_ERRORS.get(
+        primary, ("database_unavailable", "the database is unavailable")
+    )
+    if code != "database_busy":
+        error_log.error("request_id=%s %s: %s (%s)", g.get("request_id"), code, e, name)
+    return error_response(503, code, message, headers={"Retry-After": "1"})
 
 
 @bp.errorhandler(Exception)

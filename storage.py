@@ -50,6 +50,11 @@ MIGRATIONS = (
         """CREATE TRIGGER customers_counted_out AFTER DELETE ON customers
            BEGIN UPDATE customer_count SET n = n - 1; END""",
     ),
+    (
+        # /health writes here: a disk that is full or read-only fails a write, not a read.
+        "CREATE TABLE health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT)",
+        "INSERT INTO health_probe (id, checked_at) VALUES (1, NULL)",
+    ),
 )
 
 SELECTED = ", ".join(COLUMNS)
@@ -87,7 +92,7 @@ SELECT json_object('customer', json_object({", ".join(f"'{c}', {c}" for c in COL
 FROM customers ORDER BY id
 """
 
-CHECK_SCHEMA = "SELECT count(*) FROM sqlite_master"
+PROBE_WRITE = "UPDATE health_probe SET checked_at = ? WHERE id = 1"
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
@@ -260,5 +265,6 @@ def begin_write(conn: sqlite3.Connection) -> None:
 
 
 def check(conn: sqlite3.Connection) -> None:
-    """Raise sqlite3.Error unless the database answers."""
-    conn.execute(CHECK_SCHEMA).fetchone()
+    """Raise sqlite3.Error unless the database takes a (tiny, durable) write."""
+    with conn:
+        conn.execute(PROBE_WRITE, (utc_now(),))
