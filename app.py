@@ -56,6 +56,7 @@ SETTINGS = (
     "CUSTOMERS_MAX_BODY_BYTES",
     "CUSTOMERS_SQLITE_SYNCHRONOUS",
     "CUSTOMERS_SQLITE_TIMEOUT",
+    "CUSTOMERS_MIN_FREE_BYTES",
 )
 PUBLIC_ENDPOINTS = {
     "customers.openapi_document",
@@ -152,6 +153,7 @@ def setting(name: str):
         "CUSTOMERS_MAX_BODY_BYTES": 65536,
         "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
         "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
+        "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
     }[name]
 
 
@@ -572,8 +574,16 @@ def list_customers():
 
 @bp.get("/health", provide_automatic_options=False)
 def health():
-    """200 when the database answers, 503 when it does not."""
+    """200 when the database takes a write and its disk has room, 503 otherwise."""
     storage.check(get_db())
+    # A write can still fit in space SQLite freed; a nearly full disk is a fault all the same.
+    if storage.free_bytes(setting("CUSTOMERS_DATABASE")) < int(setting("CUSTOMERS_MIN_FREE_BYTES")):
+        raise ApiError(
+            503,
+            "database_full",
+            "the disk under the database is nearly full",
+            headers={"Retry-After": "1"},
+        )
     return {"status": "ok"}
 
 

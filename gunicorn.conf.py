@@ -5,6 +5,7 @@ import os
 bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CUSTOMERS_WORKERS", "2"))
 worker_class = "sync"
+# Above CUSTOMERS_SQLITE_TIMEOUT (5 s): a worker waiting for the write lock is not a stuck one.
 timeout = 30
 graceful_timeout = 10
 keepalive = 2

@@ -268,3 +268,9 @@ def check(conn: sqlite3.Connection) -> None:
     """Raise sqlite3.Error unless the database takes a (tiny, durable) write."""
     with conn:
         conn.execute(PROBE_WRITE, (utc_now(),))
+
+
+def free_bytes(path: str) -> int:
+    """Bytes free for ordinary users on the filesystem that holds ``path``."""
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return st.f_bavail * st.f_frsize

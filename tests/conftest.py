@@ -88,10 +88,18 @@ def free_port() -> int:
 class Gunicorn:
     """A real gunicorn serving wsgi:app on a loopback port, stopped by its own pid."""
 
-    def __init__(self, tmp_path: Path, workers: int = 2, env: dict | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        workers: int = 2,
+        env: dict | None = None,
+        db_path: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.db_path = tmp_path / "customers.sqlite3"
+        self.db_path = db_path or tmp_path / "customers.sqlite3"
+        self.extra_args = list(extra_args)
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.env = {
             **os.environ,
@@ -116,6 +124,7 @@ class Gunicorn:
                 f"127.0.0.1:{self.port}",
                 "-w",
                 str(self.workers),
+                *self.extra_args,
                 "wsgi:app",
             ],
             cwd=ROOT,

@@ -1,0 +1,271 @@
+"""Faults against a real gunicorn: crashes, dead and stuck workers, a full disk, a removed file."""
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import string
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import requests
+from conftest import AUTH, Gunicorn
+
+import storage
+
+CUSTOMER_FIELDS = [
+    f for f in storage.FIELDS if f not in ("customer_id", "name", "email", "url", "logo_url")
+]
+
+
+def random_customer(client_number: int, sequence: int) -> dict:
+    """A distinct customer with random text in every free-text field."""
+    letters = string.ascii_letters + string.digits + " éü-/%"
+    customer = {
+        "customer_id": f"crash-{client_number}-{sequence}-{random.randrange(10**9)}",
+        "name": "".join(random.choices(letters, k=20)).strip() or "N",
+        "email": f"c{client_number}.{sequence}@example.com",
+        "url": f"https://example.com/{sequence}",
+    }
+    for field in CUSTOMER_FIELDS:
+        if field == "country":
+            customer[field] = random.choice(["US", "FR", "DE", None])
+        else:
+            customer[field] = random.choice([None, "".join(random.choices(letters, k=12))])
+    return customer
+
+
+class WriteLoad:
+    """Client threads posting distinct customers until stopped; remembers every 200."""
+
+    def __init__(self, url: str, clients: int = 8):
+        self.url, self.clients = url, clients
+        self.acked: list[dict] = []
+        self.statuses: list[int] = []
+        self.connection_errors = 0
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(n,)) for n in range(clients)]
+
+    def run(self, client_number: int) -> None:
+        sequence = 0
+        while not self.stop.is_set() and sequence < 5000:
+            sequence += 1
+            customer = random_customer(client_number, sequence)
+            try:
+                response = requests.post(
+                    self.url + "/api/v1/customers",
+                    json={"customer": customer},
+                    headers=AUTH,
+                    timeout=10,
+                )
+            except requests.RequestException as e:
+                self.connection_errors += 1
+                self.errors.append(repr(e))
+                time.sleep(0.01)
+                continue
+            self.statuses.append(response.status_code)
+            if response.status_code == 200:
+                self.acked.append(customer)
+
+    def __enter__(self) -> "WriteLoad":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def assert_all_present(db_path, acked: list[dict]) -> None:
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        db.row_factory = sqlite3.Row
+        stored = {
+            row["customer_id"]: dict(row)
+            for row in db.execute(f"SELECT {storage.SELECTED} FROM customers")
+        }
+    for customer in acked:
+        row = stored.get(customer["customer_id"])
+        assert row is not None, f"acknowledged but lost: {customer['customer_id']}"
+        expected = {**customer, "country": customer["country"]}
+        assert {k: row[k] for k in customer} == expected
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    with open(f"/proc/{master_pid}/task/{master_pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def test_sigkill_of_the_whole_server_loses_no_acknowledged_write(tmp_path):
+    acked: list[dict] = []
+    gunicorn = Gunicorn(tmp_path)
+    try:
+        for _ in range(3):
+            gunicorn.start()
+            with WriteLoad(gunicorn.url) as load:
+                time.sleep(1.5)
+                gunicorn.stop(signal.SIGKILL)  # master and workers at once, mid-load
+            acked += load.acked
+            assert load.acked, "the load wrote nothing before the crash"
+            assert set(load.statuses) <= {200}
+            assert_all_present(gunicorn.db_path, acked)
+    finally:
+        gunicorn.stop()
+
+
+def test_a_killed_worker_loses_no_other_request(tmp_path):
+    gunicorn = Gunicorn(tmp_path, workers=2).start()
+    try:
+        with WriteLoad(gunicorn.url) as load:
+            time.sleep(0.5)
+            os.kill(worker_pids(gunicorn.proc.pid)[0], signal.SIGKILL)
+            time.sleep(1.5)
+        # A sync worker holds one request at a time: at most that one is lost, unanswered.
+        assert load.connection_errors <= 1
+        assert set(load.statuses) == {200}
+        assert_all_present(gunicorn.db_path, load.acked)
+        assert len(worker_pids(gunicorn.proc.pid)) == 2  # the master replaced it
+    finally:
+        gunicorn.stop()
+
+
+def test_a_stuck_worker_is_timed_out_and_loses_no_other_request(tmp_path):
+    # The lock wait stays below the worker timeout, or a worker waiting on the stuck one's lock
+    # would be timed out too (the rule the README gives for deployments).
+    gunicorn = Gunicorn(
+        tmp_path, workers=2, env={"CUSTOMERS_SQLITE_TIMEOUT": "1"}, extra_args=("--timeout", "3")
+    ).start()
+    try:
+        with WriteLoad(gunicorn.url) as load:
+            time.sleep(0.5)
+            stuck = worker_pids(gunicorn.proc.pid)[0]
+            os.kill(stuck, signal.SIGSTOP)  # frozen mid-request, perhaps holding the lock
+            deadline = time.monotonic() + 15
+            while stuck in worker_pids(gunicorn.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert stuck not in worker_pids(gunicorn.proc.pid), "the master kept a stuck worker"
+            time.sleep(1)
+        assert load.connection_errors <= 1, load.errors
+        assert set(load.statuses) <= {200, 503}
+        assert_all_present(gunicorn.db_path, load.acked)
+    finally:
+        gunicorn.stop()
+
+
+@contextmanager
+def small_filesystem(path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` for the test: a disk that can really fill up."""
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs (root is needed): {result.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path) -> None:
+    """Write a file until the filesystem is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_is_a_503_with_a_code_and_the_service_recovers_by_itself(tmp_path):
+    with small_filesystem(tmp_path / "fs", "4m") as fs:
+        gunicorn = Gunicorn(tmp_path, db_path=fs / "db.sqlite3").start()
+        try:
+            session = requests.Session()
+            session.headers.update(AUTH)
+            big = {"name": "N", "legal_name": "x" * 250, "address_line1": "y" * 250}
+            assert (
+                session.post(
+                    gunicorn.url + "/api/v1/customers",
+                    json={"customer": {"customer_id": "before", **big}},
+                ).status_code
+                == 200
+            )
+            fill(fs / "filler")
+            answers = []
+            for i in range(300):
+                body = {"customer": {"customer_id": f"full-{i}", **big}}
+                response = session.post(
+                    gunicorn.url + "/api/v1/customers",
+                    json=body,
+                    headers={"X-Request-Id": f"full-{i}"},
+                )
+                answers.append(
+                    (
+                        response.status_code,
+                        response.json()["code"] if response.status_code != 200 else None,
+                    )
+                )
+                if response.status_code == 503:
+                    break
+            status, code = answers[-1]
+            assert status == 503 and code == "database_full", answers[-5:]
+            assert all(s in (200, 503) for s, _ in answers)
+            assert f"request_id=full-{len(answers) - 1} database_full" in gunicorn.log()
+            health = session.get(gunicorn.url + "/health")
+            assert health.status_code == 503
+            assert health.json()["code"] == "database_full"
+
+            os.remove(fs / "filler")  # the fault clears; nobody restarts anything
+            assert session.get(gunicorn.url + "/health").status_code == 200
+            response = session.post(
+                gunicorn.url + "/api/v1/customers",
+                json={"customer": {"customer_id": "after", **big}},
+            )
+            assert response.status_code == 200
+        finally:
+            gunicorn.stop()
+        with sqlite3.connect(fs / "db.sqlite3") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_removed_database_is_a_503_and_the_service_recovers_when_it_is_back(tmp_path):
+    gunicorn = Gunicorn(tmp_path, workers=2).start()
+    backup = tmp_path / "backup.sqlite3"
+    try:
+        session = requests.Session()
+        session.headers.update(AUTH)
+        body = {"customer": {"customer_id": "kept", "name": "N"}}
+        assert session.post(gunicorn.url + "/api/v1/customers", json=body).status_code == 200
+        with sqlite3.connect(gunicorn.db_path) as db, sqlite3.connect(backup) as copy:
+            db.backup(copy)
+        for suffix in ("", "-wal", "-shm"):
+            path = f"{gunicorn.db_path}{suffix}"
+            if os.path.exists(path):
+                os.remove(path)
+        for _ in range(4):  # both workers answer it
+            response = session.post(
+                gunicorn.url + "/api/v1/customers", json=body, headers={"X-Request-Id": "gone-1"}
+            )
+            assert response.status_code == 503
+            assert response.json()["code"] == "database_unavailable"
+            assert session.get(gunicorn.url + "/health").status_code == 503
+        assert "request_id=gone-1 database_unavailable" in gunicorn.log()
+        assert not gunicorn.db_path.exists(), "the service made an empty database in its place"
+        shutil.copy(backup, gunicorn.db_path)
+        for _ in range(4):
+            assert session.get(gunicorn.url + "/health").status_code == 200
+            got = session.get(gunicorn.url + "/api/v1/customers/kept")
+            assert got.status_code == 200
+    finally:
+        gunicorn.stop()
