@@ -293,7 +293,12 @@ def test_body_over_the_limit_is_413(client):
     body = {"customer": {**SEED, "legal_name": "x" * 70_000}}
     response = client.post("/api/v1/customers", json=body, headers=AUTH)
     assert response.status_code == 413
-    assert response.get_json() == error_body(413, "Request Entity Too Large", "payload_too_large")
+    assert response.get_json() == error_body(
+        413,
+        "Request Entity Too Large",
+        "payload_too_large",
+        message="the body is over 65536 bytes",
+    )
 
 
 def test_body_limit_is_configurable(app, client):
