@@ -1212,7 +1212,7 @@ def export_command(file) -> None:
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The standalone service: defaults, then CUSTOMERS_* environment variables, then tests'."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
     for name in SETTINGS:
         if name in os.environ:
             app.config[name] = os.environ[name]
