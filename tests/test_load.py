@@ -1,0 +1,138 @@
+"""Slow clients: behind nginx (the documented set-up), they do not hold up anyone else."""
+
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+from conftest import AUTH, ROOT, SEED, free_port
+
+# The README's nginx block, plus what a test needs to run it unprivileged in a temporary folder.
+NGINX_CONF = """
+worker_processes 1;
+user root;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream customers {{ server 127.0.0.1:{upstream}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 64k;
+        client_header_timeout 10s;
+        client_body_timeout 10s;
+        location / {{
+            proxy_pass http://customers;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Request-Id $http_x_request_id;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(server, tmp_path):
+    """nginx on a loopback port in front of the test's gunicorn, stopped by its own pid."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, upstream=server.port, port=port))
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            requests.get(url + "/health", timeout=1)
+            break
+        except requests.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"nginx did not start: {(prefix / 'error.log').read_text()}")
+            time.sleep(0.05)
+    yield url, port
+    proc.send_signal(signal.SIGQUIT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def slow_client(port: int, stop: threading.Event, connected: threading.Barrier) -> None:
+    """Send a request one byte a second until stopped (bounded: about 10 bytes)."""
+    request = b"POST /api/v1/customers HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        connected.wait(timeout=30)
+        for byte in request[:12]:
+            if stop.is_set():
+                break
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break
+            stop.wait(1.0)
+
+
+def test_fifty_one_byte_a_second_clients_do_not_delay_others(server, nginx):
+    url, port = nginx
+    stop = threading.Event()
+    connected = threading.Barrier(51)
+    threads = [
+        threading.Thread(target=slow_client, args=(port, stop, connected)) for _ in range(50)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        connected.wait(timeout=30)
+        time.sleep(1.5)  # every slow client is now part-way through its request
+        session = requests.Session()
+        session.headers.update(AUTH)
+        timings = []
+        for i in range(20):
+            started = time.monotonic()
+            body = {"customer": {**SEED, "customer_id": f"fast-{i}"}}
+            response = session.post(url + "/api/v1/customers", json=body, timeout=5)
+            assert response.status_code == 200
+            assert session.get(url + f"/api/v1/customers/fast-{i}", timeout=5).status_code == 200
+            timings.append(time.monotonic() - started)
+        assert max(timings) < 1.0, timings
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert "request_id=" in server.log()
+
+
+def test_nginx_passes_the_callers_request_id(server, nginx):
+    url, _ = nginx
+    response = requests.get(url + "/health", headers={"X-Request-Id": "through-nginx"}, timeout=5)
+    assert response.headers["X-Request-Id"] == "through-nginx"
+    assert "request_id=through-nginx" in server.log()
+
+
+def test_gunicorn_configuration_holds_the_deployment_defaults():
+    config: dict = {}
+    exec((ROOT / "gunicorn.conf.py").read_text(), config)
+    assert config["worker_class"] == "sync"
+    assert config["timeout"] > 5  # above CUSTOMERS_SQLITE_TIMEOUT's default
+    assert config["limit_request_line"] == 8190
+    assert config["limit_request_fields"] <= 100
+    assert config["accesslog"] is None
