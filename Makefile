@@ -3,19 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint chromium
+.PHONY: run test lint system-packages
 
 run: $(VENV)/.installed
 	@$(BIN)/flask --app wsgi customers init-db
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: $(VENV)/.installed lint chromium
+test: $(VENV)/.installed lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The docs page is tested in a real headless Chromium, Debian's own package.
-chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Tests use Debian's Chromium (the docs page in a real browser) and nginx (the slow-client set-up).
+system-packages:
+	@if ! command -v chromium >/dev/null || ! test -x /usr/sbin/nginx; then \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light >/dev/null; \
+	fi
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
