@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint system-packages
+.PHONY: run test lint system-packages bench
 
 run: $(VENV)/.installed
 	@$(BIN)/flask --app wsgi customers init-db
@@ -18,6 +18,12 @@ system-packages:
 		apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light >/dev/null; \
 	fi
+
+# By hand, never in CI: about 10 minutes of load on 127.0.0.1 (see bench/README.md).
+bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python bench/run.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -8,7 +8,7 @@ and their ratio.
 """
 
 import argparse
-import logging
+import contextlib
 import os
 import statistics
 import sys
@@ -73,11 +73,11 @@ def main() -> None:
             print(f"prefilled {rows:>9,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
             app = create_app({"CUSTOMERS_DATABASE": path, "CUSTOMERS_API_KEYS": KEY})
             clients[rows] = app.test_client()
-        logging.getLogger("customers.access").disabled = True
-        timings = {rows: [] for rows in clients}
-        for _ in range(10):
-            for rows, client in clients.items():
-                timings[rows] += time_requests(client, args.requests // 10)
+            timings = {rows: [] for rows in clients}
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            for _ in range(10):
+                for rows, client in clients.items():
+                    timings[rows] += time_requests(client, args.requests // 10)
         medians = {}
         for rows, values in timings.items():
             values.sort()

@@ -91,3 +91,12 @@ def test_a_write_lock_held_past_the_timeout_raises_operational_error(tmp_path):
         storage.upsert_customer(conn, ALICE)
     blocker.rollback()
     assert storage.upsert_customer(conn, ALICE)["name"] == "Alice"
+
+
+def test_rows_have_exactly_the_customer_objects_keys(conn):
+    from schemas import CustomerSchema
+
+    row = storage.upsert_customer(conn, ALICE)
+    assert list(row) == list(storage.COLUMNS)
+    assert set(storage.COLUMNS) == set(CustomerSchema().fields)
+    assert all(value is None or isinstance(value, str) for value in row.values())

@@ -1,0 +1,259 @@
+"""The benchmark: the service and a bare Flask baseline under wrk, on 127.0.0.1, in one run.
+
+    make bench                      # every scenario, 10 s each (about 10 minutes)
+    .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
+
+Starts each server under gunicorn.conf.py on a fresh copy of a prefilled database, drives it with
+wrk (bench/wrk.lua varies the customer_id), and prints one line per scenario: requests per second,
+p50 and p99 latency, errors, and the ratio of its requests per second to the baseline's in the
+same run. Writes the table to bench/results/results.txt, a chart of the ratios to
+bench/results/ratios.png, and a profile of the upsert path to bench/results/profile-upsert.txt.
+"""
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from list_page import prefill  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RESULTS = os.path.join(ROOT, "bench", "results")
+KEY = "bench-key"
+SCENARIOS = ("insert", "update", "mix", "get", "list")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's packages, installed if missing."""
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    return shutil.which("wrk")
+
+
+class Server:
+    """gunicorn with gunicorn.conf.py on a loopback port, stopped by its own pid."""
+
+    def __init__(self, app: str, env: dict):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+            + ["-b", f"127.0.0.1:{self.port}", app],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        time.sleep(0.5)
+
+    def worker_rss_mb(self) -> list[float]:
+        """Resident memory of each worker, in MB."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        sizes = []
+        for child in children:
+            with open(f"/proc/{child}/status") as f:
+                sizes += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS")]
+        return sizes
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def run_wrk(wrk: str, port: int, scenario: str, connections: int, seconds: int, rows: int) -> dict:
+    """One wrk run; returns rps, p50 and p99 in ms, and errors."""
+    result = subprocess.run(
+        [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+        + ["-s", os.path.join(ROOT, "bench", "wrk.lua"), f"http://127.0.0.1:{port}"],
+        env={**os.environ, "SCENARIO": scenario, "API_KEY": KEY, "ROWS": str(rows)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = result.stdout
+
+    def millis(percent: str) -> float:
+        value, unit = re.search(rf"{percent}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": millis("50"),
+        "p99": millis("99"),
+        "errors": errors + (int(non_2xx.group(1)) if non_2xx else 0),
+    }
+
+
+def template_database(tmp: str, rows: int) -> str:
+    """A database of ``rows`` customers cust-00000000..., plus upd-1..upd-1000 for updates."""
+    path = os.path.join(tmp, f"template-{rows}.sqlite3")
+    prefill(path, rows)
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
+            "VALUES (?, ?, 'N', '2022-01-01T00:00:00Z', '2022-01-01T00:00:00Z')",
+            [(f"00000000-0000-7000-8000-{i:012d}", f"upd-{i}") for i in range(1, 1001)],
+        )
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+def profile_upsert(tmp: str) -> None:
+    """pyinstrument's profile of 3,000 upserts through the WSGI app, in-process."""
+    from pyinstrument import Profiler
+
+    from app import create_app
+
+    app = create_app(
+        {"CUSTOMERS_DATABASE": os.path.join(tmp, "profile.sqlite3"), "CUSTOMERS_API_KEYS": KEY}
+    )
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"customer": {"customer_id": "p", "name": "Gavin Belson", "country": "US"}}
+    client.post("/api/v1/customers", json=body, headers=headers)
+    profiler = Profiler(interval=0.0002)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # access lines
+        profiler.start()
+        for i in range(3000):
+            body["customer"]["customer_id"] = f"p-{i % 1000}"
+            client.post("/api/v1/customers", json=body, headers=headers)
+        profiler.stop()
+    with open(os.path.join(RESULTS, "profile-upsert.txt"), "w") as f:
+        f.write(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def chart(lines: list[dict]) -> None:
+    """A bar chart of every scenario's ratio to the baseline, with the targets drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['scenario']} c{r['connections']} {r['rows']:,} {r['sync']}" for r in lines]
+    ratios = [r["ratio"] for r in lines]
+    fig, ax = plt.subplots(figsize=(10, max(4, len(lines) * 0.28)))
+    ax.barh(labels, ratios, color=["#4c78a8" if r["sync"] == "FULL" else "#f58518" for r in lines])
+    for target, label in ((0.6, "upserts FULL"), (0.7, "upserts NORMAL"), (0.8, "GET one")):
+        ax.axvline(target, linestyle="--", linewidth=0.8, color="grey")
+        ax.text(target, -0.9, label, fontsize=7, ha="center")
+    ax.set_xlabel("requests per second as a ratio to the bare Flask baseline (same run)")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "ratios.png"), dpi=110)
+
+
+def main() -> None:
+    """Run the baseline and every scenario; print and save the table, the chart and the profile."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 1_000_000])
+    parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
+    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    args = parser.parse_args()
+    wrk = ensure_wrk()
+    os.makedirs(RESULTS, exist_ok=True)
+    header = (
+        f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores "
+        f"python {platform.python_version()} sqlite {sqlite3.sqlite_version}"
+    )
+    print(header)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        echo = Server("bench.echo_app:app", {})
+        baseline = {
+            c: run_wrk(wrk, echo.port, "echo", c, args.duration, 0) for c in args.connections
+        }
+        echo.stop()
+        for c, result in baseline.items():
+            print(
+                f"baseline echo c{c}: {result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
+                f"p99 {result['p99']:6.2f} ms  errors {result['errors']}",
+                flush=True,
+            )
+        templates = {rows: template_database(tmp, rows) for rows in args.rows}
+        for sync in args.sync:
+            for rows in args.rows:
+                database = os.path.join(tmp, f"run-{sync}-{rows}.sqlite3")
+                shutil.copy(templates[rows], database)
+                env = {
+                    "CUSTOMERS_DATABASE": database,
+                    "CUSTOMERS_API_KEYS": KEY,
+                    "CUSTOMERS_SQLITE_SYNCHRONOUS": sync,
+                }
+                server = Server("wsgi:app", env)
+                for connections in args.connections:
+                    for scenario in args.scenarios:
+                        result = run_wrk(
+                            wrk, server.port, scenario, connections, args.duration, rows
+                        )
+                        ratio = result["rps"] / baseline[connections]["rps"]
+                        line = {
+                            "scenario": scenario,
+                            "connections": connections,
+                            "rows": rows,
+                            "sync": sync,
+                            "ratio": ratio,
+                            **result,
+                        }
+                        lines.append(line)
+                        print(
+                            f"{scenario:6} c{connections:<3} {rows:>9,} rows {sync:6} "
+                            f"{result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
+                            f"p99 {result['p99']:6.2f} ms  errors {result['errors']:<4} "
+                            f"ratio {ratio:.2f}",
+                            flush=True,
+                        )
+                rss = " ".join(f"{mb:.0f}" for mb in server.worker_rss_mb())
+                print(f"worker RSS after {sync} {rows:,}: {rss} MB", flush=True)
+                server.stop()
+        profile_upsert(tmp)
+    with open(os.path.join(RESULTS, "results.txt"), "w") as f:
+        f.write(header + "\n")
+        for c, result in baseline.items():
+            f.write(
+                f"baseline echo c{c}: {result['rps']:.0f} rps p50 {result['p50']:.2f} ms "
+                f"p99 {result['p99']:.2f} ms errors {result['errors']}\n"
+            )
+        for r in lines:
+            f.write(
+                f"{r['scenario']} c{r['connections']} {r['rows']} {r['sync']} {r['rps']:.0f} rps "
+                f"p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms errors {r['errors']} "
+                f"ratio {r['ratio']:.2f}\n"
+            )
+    chart(lines)
+
+
+if __name__ == "__main__":
+    main()
