@@ -1113,7 +1113,7 @@ def commit_batch(conn: sqlite3.Connection, checked: list, report: "ImportReport"
         else:
             valid.append((number, dict(zip(storage.UPSERT_PARAMS, values, strict=True))))
     try:
-        with conn:
+        with storage.write(conn):
             storage.begin_write(conn)
             inserted = storage.upsert_batch(conn, [params for _, params in valid])
         report.committed(inserted, len(valid) - inserted)
@@ -1124,7 +1124,7 @@ def commit_batch(conn: sqlite3.Connection, checked: list, report: "ImportReport"
 def commit_row_by_row(conn: sqlite3.Connection, valid: list, report: "ImportReport") -> None:
     """Upsert a batch one row at a time in one transaction, rejecting the rows SQL refuses."""
     inserted = upserted = 0
-    with conn:
+    with storage.write(conn):
         storage.begin_write(conn)
         for number, params in valid:
             try:

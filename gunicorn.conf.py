@@ -3,7 +3,8 @@
 import os
 
 bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("CUSTOMERS_WORKERS", "2"))
+# Two per core: while one waits on its commit's fsync, another uses the core.
+workers = int(os.environ.get("CUSTOMERS_WORKERS", 2 * (os.cpu_count() or 1)))
 worker_class = "sync"
 # Above CUSTOMERS_SQLITE_TIMEOUT (5 s): a worker waiting for the write lock is not a stuck one.
 timeout = 30

@@ -1,8 +1,11 @@
 """The storage functions on their own, on real SQLite connections."""
 
+import fcntl
 import os
 import sqlite3
 import stat
+import struct
+import time
 
 import pytest
 
@@ -65,9 +68,17 @@ def test_connect_sets_wal_synchronous_and_timeout(tmp_path):
     path = str(tmp_path / "db.sqlite3")
     full = storage.connect(path, create=True)
     assert full.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert full.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # FULL: SQLite commits as NORMAL, and write() fsyncs the WAL after the commit.
+    assert full.execute("PRAGMA synchronous").fetchone()[0] == 1
+    storage.migrate(full)
+    storage.upsert_customer(full, ALICE)
+    assert os.fstat(full.durability.wal_fd).st_ino == os.stat(path + "-wal").st_ino
+    with open(path + "-sync", "rb") as counters:
+        started, finished = struct.unpack("qq", counters.read())
+    assert started == finished >= 1  # the write waited for an fsync of the WAL
     normal = storage.connect(path, synchronous="NORMAL")
     assert normal.execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert normal.durability is None
     with pytest.raises(ValueError):
         storage.connect(path, synchronous="OFF")
 
@@ -100,3 +111,19 @@ def test_rows_have_exactly_the_customer_objects_keys(conn):
     assert list(row) == list(storage.COLUMNS)
     assert set(storage.COLUMNS) == set(CustomerSchema().fields)
     assert all(value is None or isinstance(value, str) for value in row.values())
+
+
+def test_a_frozen_holder_of_the_fsync_lock_delays_a_write_only_briefly(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    conn = storage.connect(path, create=True)
+    storage.migrate(conn)
+    storage.upsert_customer(conn, ALICE)
+    frozen = os.open(path + "-sync", os.O_RDWR)  # as a process stopped mid-fsync would hold it
+    fcntl.flock(frozen, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        storage.upsert_customer(conn, {"customer_id": "bob", "name": "Bob"})
+        assert time.monotonic() - started < 0.5
+    finally:
+        os.close(frozen)
+    assert storage.get_customer(conn, "bob")["name"] == "Bob"
