@@ -88,8 +88,6 @@ LIMIT :limit OFFSET :offset
 
 SELECT_COUNT = "SELECT n FROM customer_count"
 
-SELECT_ALL = f"SELECT {SELECTED} FROM customers ORDER BY id"
-
 # The export's lines, made by SQLite's own JSON functions: several times faster than Python.
 EXPORT_LINES = f"""
 SELECT json_object('customer', json_object({", ".join(f"'{c}', {c}" for c in COLUMNS)}))
@@ -234,13 +232,7 @@ def _create_private_file(path: str) -> None:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every migration step not yet applied; return the schema version."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -297,20 +289,11 @@ def sent_fields(params: Mapping) -> dict:
     return fields
 
 
-def upsert_in_transaction(
-    conn: sqlite3.Connection, fields: Mapping[str, str | None], now: str
-) -> tuple[dict, bool]:
-    """Upsert inside the caller's transaction; return the row and whether it was created."""
-    params = upsert_params(fields, now)
-    row = dict(conn.execute(UPSERT_CUSTOMER, params).fetchone())
-    return row, row["lago_id"] == params["lago_id"]
-
-
 def upsert_customer(conn: sqlite3.Connection, fields: Mapping[str, str | None]) -> dict:
     """Create the customer, or update the keys present in ``fields``; return the row."""
     with write(conn):
-        row, _ = upsert_in_transaction(conn, fields, utc_now())
-    return row
+        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+    return dict(row)
 
 
 def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
@@ -336,12 +319,6 @@ def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[
             return [], total
         rows = conn.execute(SELECT_PAGE, {"limit": per_page, "offset": offset}).fetchall()
     return [dict(r) for r in rows], total
-
-
-def iter_customers(conn: sqlite3.Connection) -> Iterator[dict]:
-    """Every customer, oldest first, streamed."""
-    for row in conn.execute(SELECT_ALL):
-        yield dict(row)
 
 
 def iter_export_lines(conn: sqlite3.Connection) -> Iterator[str]:

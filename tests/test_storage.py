@@ -1,6 +1,7 @@
 """The storage functions on their own, on real SQLite connections."""
 
 import fcntl
+import json
 import os
 import sqlite3
 import stat
@@ -49,10 +50,12 @@ def test_list_is_newest_first_with_a_maintained_count(conn):
     assert storage.list_customers(conn, page=9, per_page=2) == ([], 4)
 
 
-def test_iter_customers_streams_oldest_first(conn):
+def test_export_lines_are_the_api_objects_oldest_first(conn):
     for i in range(3):
         storage.upsert_customer(conn, {"customer_id": f"c{i}", "name": "N"})
-    assert [c["customer_id"] for c in storage.iter_customers(conn)] == ["c0", "c1", "c2"]
+    lines = [json.loads(line) for line in storage.iter_export_lines(conn)]
+    assert [line["customer"]["customer_id"] for line in lines] == ["c0", "c1", "c2"]
+    assert lines[0] == {"customer": storage.get_customer(conn, "c0")}
 
 
 def test_migrate_is_idempotent_and_records_the_version(tmp_path):
@@ -127,3 +130,20 @@ def test_a_frozen_holder_of_the_fsync_lock_delays_a_write_only_briefly(tmp_path)
     finally:
         os.close(frozen)
     assert storage.get_customer(conn, "bob")["name"] == "Bob"
+
+
+def test_a_database_of_the_first_version_is_migrated_with_its_data(tmp_path):
+    path = str(tmp_path / "old.sqlite3")
+    with sqlite3.connect(path) as old:  # as version 1 of this service left it
+        for statement in storage.MIGRATIONS[0]:
+            old.execute(statement)
+        old.execute("PRAGMA user_version = 1")
+        old.execute(
+            "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
+            "VALUES ('l-1', 'kept', 'Kept', '2022-04-29T08:59:51Z', '2022-04-29T08:59:51Z')"
+        )
+    conn = storage.connect(path)
+    assert storage.migrate(conn) == len(storage.MIGRATIONS)
+    assert storage.get_customer(conn, "kept")["name"] == "Kept"
+    assert storage.list_customers(conn, 1, 20)[1] == 1
+    storage.check(conn)  # the probe table of version 2 is there
