@@ -129,6 +129,7 @@ def _setup_logging() -> None:
 
 @bp.record_once
 def _on_register(state) -> None:
+    check_settings(state.app.config)
     state.app.url_map.converters.setdefault("customer_id", CustomerIdConverter)
     _setup_logging()
 
@@ -136,23 +137,41 @@ def _on_register(state) -> None:
 # --- settings --------------------------------------------------------------------------------
 
 
+DEFAULTS = {
+    "CUSTOMERS_API_KEYS": "",
+    "CUSTOMERS_REQUIRE_API_KEY": True,
+    "CUSTOMERS_MAX_BODY_BYTES": 65536,
+    "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
+    "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
+    "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
+}
+INSTANCE_FILES = {"CUSTOMERS_DATABASE": "customers.sqlite3", "CUSTOMERS_API_KEY_FILE": "api-keys"}
+
+
 def setting(name: str):
     """A CUSTOMERS_* setting of the current app, or its default."""
     config = current_app.config
     if name in config:
         return config[name]
-    if name == "CUSTOMERS_DATABASE":
-        return os.path.join(current_app.instance_path, "customers.sqlite3")
-    if name == "CUSTOMERS_API_KEY_FILE":
-        return os.path.join(current_app.instance_path, "api-keys")
-    return {
-        "CUSTOMERS_API_KEYS": "",
-        "CUSTOMERS_REQUIRE_API_KEY": True,
-        "CUSTOMERS_MAX_BODY_BYTES": 65536,
-        "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
-        "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
-        "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
-    }[name]
+    if name in INSTANCE_FILES:
+        return os.path.join(current_app.instance_path, INSTANCE_FILES[name])
+    return DEFAULTS[name]
+
+
+def check_settings(config) -> None:
+    """Refuse, at start, a setting the service could only fail on at every request."""
+    synchronous = str(config.get("CUSTOMERS_SQLITE_SYNCHRONOUS", "FULL")).upper()
+    if synchronous not in storage.SYNCHRONOUS_MODES:
+        raise ValueError(f"CUSTOMERS_SQLITE_SYNCHRONOUS must be one of {storage.SYNCHRONOUS_MODES}")
+    for name in (
+        "CUSTOMERS_MAX_BODY_BYTES",
+        "CUSTOMERS_MIN_FREE_BYTES",
+        "CUSTOMERS_SQLITE_TIMEOUT",
+    ):
+        try:
+            float(config.get(name, 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, not {config[name]!r}") from None
 
 
 def _flag(value) -> bool:

@@ -3,6 +3,7 @@
 import os
 import stat
 
+import pytest
 from conftest import AUTH, SEED, post_customer
 
 from app import create_app
@@ -69,3 +70,18 @@ def test_api_responses_are_not_cached_or_sniffed(client):
     response = post_customer(client, SEED)
     assert response.headers["Cache-Control"] == "no-store"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CUSTOMERS_SQLITE_SYNCHRONOUS", "OFF"),
+        ("CUSTOMERS_MAX_BODY_BYTES", "64k"),
+        ("CUSTOMERS_SQLITE_TIMEOUT", "soon"),
+    ],
+)
+def test_a_setting_that_cannot_work_stops_the_start(tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        create_app(
+            {name: value, "CUSTOMERS_API_KEYS": "k", "CUSTOMERS_DATABASE": str(tmp_path / "d")}
+        )
