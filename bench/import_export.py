@@ -16,6 +16,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from schemas import SEED_EXAMPLE  # noqa: E402
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FLASK = [sys.executable, "-m", "flask", "--app", "wsgi", "customers"]
 
@@ -25,20 +29,11 @@ def make_file(path: str, rows: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(rows):
             customer = {
+                **SEED_EXAMPLE,
                 "customer_id": f"cust-{i:08d}",
                 "name": f"Customer {i}",
-                "country": "US",
                 "address_line1": f"{i} Penfield Ave",
-                "address_line2": None,
-                "state": "CA",
-                "zipcode": "91364",
                 "email": f"billing{i}@example.com",
-                "city": "Woodland Hills",
-                "url": "http://hooli.com",
-                "phone": "1-171-883-3711 x245",
-                "logo_url": "http://hooli.com/logo.png",
-                "legal_name": "Coleman-Blair",
-                "legal_number": "49-008-2965",
             }
             f.write(json.dumps({"customer": customer} if i % 2 else customer) + "\n")
 

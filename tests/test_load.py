@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from conftest import AUTH, ROOT, SEED, free_port
+from conftest import AUTH, ROOT, SEED, answers, free_port
 
 # The README's nginx block, plus what a test needs to run it unprivileged in a temporary folder.
 NGINX_CONF = """
@@ -57,16 +57,10 @@ def nginx(server, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            requests.get(url + "/health", timeout=1)
-            break
-        except requests.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"nginx did not start: {(prefix / 'error.log').read_text()}")
-            time.sleep(0.05)
+    if not answers(url + "/health", proc, seconds=15):
+        proc.kill()
+        proc.wait(timeout=5)
+        pytest.fail(f"nginx did not start: {(prefix / 'error.log').read_text()}")
     yield url, port
     proc.send_signal(signal.SIGQUIT)
     try:

@@ -5,14 +5,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, ROOT, SEED, free_port
+from conftest import API_KEY, AUTH, ROOT, SEED, answers, free_port
 
 LAGO_VENV = ROOT / ".cache" / "lago-venv"
 
@@ -143,14 +142,7 @@ def test_flask_development_server_serves_the_api(tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
+        assert answers(url + "/health", proc), "flask run did not answer"
         response = requests.post(url + "/api/v1/customers", json={"customer": SEED}, headers=AUTH)
         assert response.status_code == 200
     finally:
