@@ -17,7 +17,6 @@ import stat
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from http import HTTPStatus
@@ -433,7 +432,7 @@ def assign_request_id() -> None:
     if 1 <= len(given) <= 200 and REQUEST_ID_CHARS.issuperset(given):
         g.request_id = given
     else:
-        g.request_id = uuid.uuid4().hex
+        g.request_id = secrets.token_hex(16)
     g.request_started = time.perf_counter()
 
 
