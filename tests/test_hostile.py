@@ -1,6 +1,7 @@
 """Bad input: arbitrary JSON (hypothesis), a corpus of hostile bodies, and nothing leaked."""
 
 import json
+import os
 import re
 import socket
 from urllib.parse import quote
@@ -17,6 +18,9 @@ LEAKS = re.compile(r"Traceback|File \"|\.py\b|sqlite|SELECT|INSERT|/(tmp|work|ro
 HYPOTHESIS = settings(
     max_examples=250,
     deadline=None,
+    # In CI the examples are the same every run, so a landing never hangs on a lucky draw;
+    # locally each run draws new ones.
+    derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -65,7 +69,8 @@ countries = st.sampled_from(sorted(COUNTRY_CODES)).flatmap(
     lambda code: st.sampled_from([code, code.lower(), code[0] + code[1].lower()])
 )
 emails = st.from_regex(
-    r"[a-z0-9]{1,20}(\.[a-z0-9+_-]{1,10})?@[a-z0-9-]{0,20}[a-z0-9]\.(com|fr)", fullmatch=True
+    r"[a-z0-9]{1,20}(\.[a-z0-9+_-]{1,10})?@[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?\.(com|fr)",
+    fullmatch=True,
 )
 urls = st.from_regex(
     r"https?://[a-z0-9]{1,20}(\.[a-z]{2,6})?(:[0-9]{2,5})?(/[\w.~-]{0,30})*", fullmatch=True

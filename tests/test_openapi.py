@@ -1,5 +1,6 @@
 """The OpenAPI document, schemathesis against a live gunicorn, and /docs in a real Chromium."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -118,6 +119,8 @@ def test_schemathesis_finds_nothing_against_a_live_gunicorn(server):
         "150",
         "--no-color",
     ]
+    if os.environ.get("CI"):  # the same cases every CI run; new ones on every run by hand
+        command += ["--seed", "20221125"]
     if not Path(command[0]).exists():
         command[0] = shutil.which("st") or "st"
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
