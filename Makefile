@@ -12,11 +12,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Tests use Debian's Chromium (the docs page in a real browser) and nginx (the slow-client set-up).
+# Tests use Debian's Chromium (the docs page in a real browser), nginx (the slow-client set-up)
+# and curl (the README's example).
 system-packages:
-	@if ! command -v chromium >/dev/null || ! test -x /usr/sbin/nginx; then \
+	@if ! command -v chromium >/dev/null || ! test -x /usr/sbin/nginx || ! command -v curl >/dev/null; \
+	then \
 		apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light curl >/dev/null; \
 	fi
 
 # By hand, never in CI: about 10 minutes of load on 127.0.0.1 (see bench/README.md).
