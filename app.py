@@ -4,6 +4,7 @@ import collections
 import contextlib
 import csv
 import fcntl
+import functools
 import hmac
 import io
 import json
@@ -205,8 +206,14 @@ def configured_keys() -> list[str]:
     """Keys from CUSTOMERS_API_KEYS (a comma-separated string or a list)."""
     keys = setting("CUSTOMERS_API_KEYS") or []
     if isinstance(keys, str):
-        keys = keys.split(",")
+        return list(_split_keys(keys))
     return [k.strip() for k in keys if k and k.strip()]
+
+
+@functools.lru_cache(maxsize=8)
+def _split_keys(keys: str) -> tuple[str, ...]:
+    # The environment's string is split once, not at every request.
+    return tuple(k.strip() for k in keys.split(",") if k.strip())
 
 
 def api_keys() -> list[str]:
@@ -466,13 +473,27 @@ def write_access_line(status: int, elapsed_ms: float) -> None:
     Written straight to the stream: the logging module's per-record work (it looks up the
     caller's file) cost more than the rest of a GET.
     """
-    path = quote(request.path[:300], safe="/:@!$&'()*+,;=-._~")
+    req = request._get_current_object()
+    path = req.path[:300]
+    if not PLAIN_PATH.fullmatch(path):  # quote only what could break the line or fake a field
+        path = quote(path, safe="/:@!$&'()*+,;=-._~")
     sys.stdout.write(
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} request_id={g.request_id} "
-        f"remote={request.remote_addr} method={request.method} path={path} "
-        f"status={status} duration_ms={elapsed_ms:.1f}\n"
+        f"{_log_time()} request_id={g.request_id} remote={req.remote_addr} "
+        f"method={req.method} path={path} status={status} duration_ms={elapsed_ms:.1f}\n"
     )
     sys.stdout.flush()
+
+
+PLAIN_PATH = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
+_log_second: list = [0, ""]
+
+
+def _log_time() -> str:
+    """The access line's timestamp, formatted once a second."""
+    now = int(time.time())
+    if _log_second[0] != now:
+        _log_second[:] = [now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))]
+    return _log_second[1]
 
 
 bp.before_request(assign_request_id)
