@@ -326,13 +326,19 @@ def drop_thread_connection(path: str) -> None:
             conn.close()
 
 
+def database_settings() -> tuple[str, str, float]:
+    """The database's path, synchronous mode and lock timeout, from the current app."""
+    return (
+        setting("CUSTOMERS_DATABASE"),
+        str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS")).upper(),
+        float(setting("CUSTOMERS_SQLITE_TIMEOUT")),
+    )
+
+
 def get_db() -> sqlite3.Connection:
     """The connection for this request."""
     if "customers_db" not in g:
-        synchronous = str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS")).upper()
-        g.customers_db = thread_connection(
-            setting("CUSTOMERS_DATABASE"), synchronous, float(setting("CUSTOMERS_SQLITE_TIMEOUT"))
-        )
+        g.customers_db = thread_connection(*database_settings())
     return g.customers_db
 
 
@@ -897,12 +903,8 @@ EXTRA_CELLS = "\0extra"  # csv.DictReader's key for cells beyond the header
 
 def command_connection() -> sqlite3.Connection:
     """A connection for an operator command, to a database created and migrated if need be."""
-    conn = storage.connect(
-        setting("CUSTOMERS_DATABASE"),
-        synchronous=str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS")).upper(),
-        timeout=float(setting("CUSTOMERS_SQLITE_TIMEOUT")),
-        create=True,
-    )
+    path, synchronous, timeout = database_settings()
+    conn = storage.connect(path, synchronous=synchronous, timeout=timeout, create=True)
     storage.migrate(conn)
     return conn
 
