@@ -764,12 +764,23 @@ OPERATIONS = {
     "customers.openapi_document": ("get", "This OpenAPI document", "No API key needed.", None, ()),
     "customers.docs": ("get", "This API's interactive page", "No API key needed.", None, ()),
 }
-RESPONSE_SCHEMAS = {
-    "customers.upsert_customer": ("CustomerResponse", "The customer as stored."),
-    "customers.get_customer": ("CustomerResponse", "The customer."),
-    "customers.delete_customer": ("CustomerResponse", "The customer as it was."),
-    "customers.list_customers": ("CustomerList", "One page and the totals."),
-    "customers.health": ("Health", "The database answers."),
+# Each operation's 200: its description, media type and schema.
+SUCCESSES = {
+    "customers.upsert_customer": (
+        "The customer as stored.",
+        "application/json",
+        "CustomerResponse",
+    ),
+    "customers.get_customer": ("The customer.", "application/json", "CustomerResponse"),
+    "customers.delete_customer": (
+        "The customer as it was.",
+        "application/json",
+        "CustomerResponse",
+    ),
+    "customers.list_customers": ("One page and the totals.", "application/json", "CustomerList"),
+    "customers.health": ("The database answers.", "application/json", "Health"),
+    "customers.openapi_document": ("The document.", "application/json", {"type": "object"}),
+    "customers.docs": ("An HTML page (Swagger UI).", "text/html", {"type": "string"}),
 }
 
 
@@ -782,22 +793,22 @@ def _schema_name(schema) -> str:
     return name
 
 
-def _response(description: str, schema: str | None, *headers: str) -> dict:
+def _response(description: str, media_type: str, schema, *headers: str) -> dict:
     """One OpenAPI response object."""
-    response = {
+    return {
         "description": description,
         "headers": {h: {"$ref": f"#/components/headers/{h}"} for h in ("X-Request-Id", *headers)},
+        "content": {media_type: {"schema": schema}},
     }
-    if schema:
-        response["content"] = {"application/json": {"schema": schema}}
-    return response
 
 
 def _error_responses(statuses: tuple[int, ...]) -> dict:
     """The error responses of one operation, each in the error envelope."""
     extra = {401: ("WWW-Authenticate",), 503: ("Retry-After",)}
     return {
-        str(status): _response(ERROR_DESCRIPTIONS[status], "Error", *extra.get(status, ()))
+        str(status): _response(
+            ERROR_DESCRIPTIONS[status], "application/json", "Error", *extra.get(status, ())
+        )
         for status in (*statuses, 500)
     }
 
@@ -836,15 +847,7 @@ def _operation(endpoint: str) -> dict:
                 }
             },
         }
-    if endpoint == "customers.openapi_document":
-        ok = _response("The document.", None)
-        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
-    elif endpoint == "customers.docs":
-        ok = _response("An HTML page (Swagger UI).", None)
-        ok["content"] = {"text/html": {"schema": {"type": "string"}}}
-    else:
-        schema, ok_description = RESPONSE_SCHEMAS[endpoint]
-        ok = _response(ok_description, schema)
+    ok = _response(*SUCCESSES[endpoint])
     operation["responses"] = {"200": ok, **_error_responses(errors)}
     return {method: operation}
 
