@@ -714,7 +714,8 @@ ERROR_DESCRIPTIONS = {
     415: "`unsupported_media_type`: the body is not sent as application/json.",
     422: "`validation_errors`: `error_details` maps each field to its error codes.",
     500: "`internal_error`, logged with the request id.",
-    503: "`database_busy` or `database_unavailable`; retry after `Retry-After` seconds.",
+    503: "`database_busy`, `database_full`, `database_read_only` or `database_unavailable`; "
+    "retry after `Retry-After` seconds.",
 }
 HEADERS = {
     "X-Request-Id": {
