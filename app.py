@@ -1128,10 +1128,15 @@ class ImportReport:
             self.last_shown = now
             click.echo("\r" + self.progress_line(), err=True, nl=False)
 
+    def _rows_and_rate(self) -> tuple[int, float, float]:
+        """Rows handled so far, seconds since the start, and rows per second."""
+        rows = self.inserted + self.updated + self.rejected
+        seconds = time.monotonic() - self.started
+        return rows, seconds, rows / max(seconds, 1e-9)
+
     def progress_line(self) -> str:
         """A bar of the bytes read (when the size is known) and the rows per second."""
-        rows = self.inserted + self.updated + self.rejected
-        rate = rows / max(time.monotonic() - self.started, 1e-9)
+        rows, _, rate = self._rows_and_rate()
         bar = ""
         if self.total_bytes:
             done = min(self.position() / self.total_bytes, 1.0)
@@ -1141,11 +1146,10 @@ class ImportReport:
 
     def summary(self) -> str:
         """The one-line summary printed at the end."""
-        seconds = time.monotonic() - self.started
-        rows = self.inserted + self.updated + self.rejected
+        _, seconds, rate = self._rows_and_rate()
         return (
             f"{self.inserted:,} inserted, {self.updated:,} updated, {self.rejected:,} rejected "
-            f"in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+            f"in {seconds:.1f} s ({rate:,.0f} rows/s)"
         )
 
 

@@ -302,24 +302,29 @@ def wait_for_rows(db_path, at_least: int, proc: subprocess.Popen) -> None:
     pytest.fail("the import committed nothing in time, or ended too early")
 
 
-def test_a_killed_import_leaves_only_whole_batches_and_a_rerun_finishes(tmp_path, db_path):
+def import_interrupted_later(tmp_path, db_path, **popen) -> tuple[str, subprocess.Popen]:
+    """An import of 30,000 rows in batches of 250, returned once 1,000 are committed."""
     source = big_file(tmp_path, 30_000)
-    proc = import_process(
-        tmp_path,
-        db_path,
-        source,
-        "--batch-size",
-        "250",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = import_process(tmp_path, db_path, source, "--batch-size", "250", **popen)
     wait_for_rows(db_path, 1000, proc)
+    return source, proc
+
+
+def committed_count(db_path) -> int:
+    with sqlite3.connect(db_path) as db:
+        return db.execute("SELECT count(*) FROM customers").fetchone()[0]
+
+
+def test_a_killed_import_leaves_only_whole_batches_and_a_rerun_finishes(tmp_path, db_path):
+    source, proc = import_interrupted_later(
+        tmp_path, db_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        count = db.execute("SELECT count(*) FROM customers").fetchone()[0]
         names = db.execute("SELECT customer_id, name FROM customers ORDER BY id").fetchall()
+    count = committed_count(db_path)
     assert 0 < count < 30_000
     assert count % 250 == 0
     assert names == [(f"c{i:06d}", f"Name {i}") for i in range(count)]
@@ -330,25 +335,19 @@ def test_a_killed_import_leaves_only_whole_batches_and_a_rerun_finishes(tmp_path
 
 
 def test_ctrl_c_keeps_committed_batches_and_says_so(tmp_path, db_path):
-    source = big_file(tmp_path, 30_000)
-    proc = import_process(
+    _, proc = import_interrupted_later(
         tmp_path,
         db_path,
-        source,
-        "--batch-size",
-        "250",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-    wait_for_rows(db_path, 1000, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted; committed so far:" in err
-    with sqlite3.connect(db_path) as db:
-        count = db.execute("SELECT count(*) FROM customers").fetchone()[0]
+    count = committed_count(db_path)
     assert 0 < count < 30_000 and count % 250 == 0
 
 
