@@ -18,3 +18,13 @@ accesslog = None
 errorlog = "-"
 # No control socket: one fixed path in $HOME would be shared by every gunicorn on the machine.
 control_socket_disable = True
+
+
+def on_starting(server) -> None:
+    """Create or migrate the database, and the first API key, before any worker forks.
+
+    Workers never create a database: one that goes missing is a 503 until it is back.
+    """
+    from customers_service.app import create_app, prepare_or_exit
+
+    prepare_or_exit(create_app())

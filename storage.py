@@ -1,4 +1,4 @@
-"""SQLite storage of customers: plain SQL in a few functions that take a connection."""
+"""SQLite storage of customers: plain SQL in a few functions that take a connection first."""
 
 import contextlib
 import fcntl
@@ -9,6 +9,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from urllib.parse import quote
 
 FIELDS = (
     "customer_id",
@@ -99,13 +100,30 @@ PROBE_WRITE = "UPDATE health_probe SET checked_at = ? WHERE id = 1"
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
 
+Error = sqlite3.Error
+
+# The contract's 503 codes for SQLite's primary error codes; any other fault is unavailable.
+FAULTS = {
+    "SQLITE_BUSY": ("database_busy", "the database is busy; retry"),
+    "SQLITE_LOCKED": ("database_busy", "the database is busy; retry"),
+    "SQLITE_FULL": ("database_full", "the disk under the database is full"),
+    "SQLITE_READONLY": ("database_read_only", "the database cannot be written"),
+}
+UNAVAILABLE = ("database_unavailable", "the database is unavailable")
+
+
 class DatabaseMissing(sqlite3.OperationalError):
-    """The database file is not where it should be."""
+    """The database file is not where it should be, or was never initialised."""
+
+
+class DiskNearlyFull(sqlite3.OperationalError):
+    """The disk under the database has less room than the service asks to keep free."""
 
 
 class Connection(sqlite3.Connection):
-    """A connection that knows whether its commits must reach the disk before they return."""
+    """A connection that knows its file and whether its commits must reach the disk."""
 
+    path = ""
     durability: "WalSync | None" = None  # set when synchronous is FULL: write() uses it
 
     def close(self) -> None:
@@ -183,23 +201,83 @@ class WalSync:
 def connect(
     path: str, *, synchronous: str = "FULL", timeout: float = 5.0, create: bool = False
 ) -> Connection:
-    """Open the database with its pragmas set; refuse to create it unless ``create``."""
+    """Open the database with its pragmas set.
+
+    Unless ``create``, the file must exist (DatabaseMissing otherwise), and it is opened in a
+    mode in which SQLite never creates it, even if it vanishes meanwhile.
+    """
     if synchronous not in SYNCHRONOUS_MODES:
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
-    if path != ":memory:":
-        if create:
-            _create_private_file(path)
-        elif not os.path.exists(path):
-            raise DatabaseMissing("database file is missing")
-    conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False, factory=Connection)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
-    # FULL is kept by write(), which fsyncs the WAL after each commit; see there why.
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if synchronous == "FULL" and path != ":memory:":
-        conn.durability = WalSync(path)
+    conn = _open(path, timeout, create)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL is kept by write(), which fsyncs the WAL after each commit; see there why.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if synchronous == "FULL" and path != ":memory:":
+            conn.durability = WalSync(path)
+    except OSError as e:  # the folder went away under us, say
+        conn.close()
+        raise DatabaseMissing(f"the database's folder is unusable: {e.strerror}") from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def connect_ready(path: str, *, synchronous: str = "FULL", timeout: float = 5.0) -> Connection:
+    """Open an existing database that has every migration, or raise DatabaseMissing."""
+    conn = connect(path, synchronous=synchronous, timeout=timeout)
+    try:
+        if schema_version(conn) < len(MIGRATIONS):
+            raise DatabaseMissing("the database is not initialised: run flask customers init-db")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open(path: str, timeout: float, create: bool) -> Connection:
+    """The sqlite3 connection, creating the file (owner-only) only if ``create``."""
+    if path == ":memory:":
+        target, uri = path, False
+    elif create:
+        _create_private_file(path)
+        target, uri = path, False
+    else:
+        target, uri = f"file:{quote(os.path.abspath(path))}?mode=rw", True
+    try:
+        conn = sqlite3.connect(
+            target, timeout=timeout, check_same_thread=False, factory=Connection, uri=uri
+        )
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
+            raise DatabaseMissing("the database file is missing") from None
+        raise
+    conn.path = path
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    """The device and inode of the database file, raising DatabaseMissing if there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatabaseMissing("the database file is missing") from None
+    return st.st_dev, st.st_ino
+
+
+def fault(error: BaseException) -> tuple[str, str] | None:
+    """The contract's 503 code and message for a database fault, or None for anything else
+    (a refused constraint is a bug, not a fault)."""
+    if not isinstance(error, sqlite3.DatabaseError) or type(error) is sqlite3.IntegrityError:
+        return None
+    if isinstance(error, DiskNearlyFull):
+        return "database_full", "the disk under the database is nearly full"
+    name = getattr(error, "sqlite_errorname", None) or ""
+    primary = "_".join(name.split("_")[:2])  # SQLITE_READONLY_DBMOVED is a SQLITE_READONLY
+    return FAULTS.get(primary, UNAVAILABLE)
 
 
 @contextlib.contextmanager
@@ -232,12 +310,12 @@ def _create_private_file(path: str) -> None:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every migration step not yet applied; return the schema version."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version = schema_version(conn)
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have applied this step while we waited for the lock.
-            if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+            if schema_version(conn) >= number:
                 conn.execute("ROLLBACK")
                 continue
             for statement in step:
@@ -248,6 +326,11 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("ROLLBACK")
             raise
     return len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """How many migration steps the database has had."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
 def utc_now() -> str:
@@ -321,10 +404,13 @@ def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[
     return [dict(r) for r in rows], total
 
 
-def iter_export_lines(conn: sqlite3.Connection) -> Iterator[str]:
-    """Every customer as one line of JSON, ``{"customer": {...}}``, oldest first, streamed."""
-    for (line,) in conn.execute(EXPORT_LINES):
-        yield line
+def export_lines(conn: sqlite3.Connection) -> Iterator[str]:
+    """Every customer as one line of JSON, ``{"customer": {...}}``, oldest first, streamed
+    from one snapshot while the service goes on writing."""
+    with conn:
+        conn.execute("BEGIN")
+        for (line,) in conn.execute(EXPORT_LINES):
+            yield line
 
 
 def count_customers(conn: sqlite3.Connection) -> int:
@@ -340,15 +426,39 @@ def upsert_batch(conn: sqlite3.Connection, params: list[dict]) -> int:
     return count_customers(conn) - before
 
 
+def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, list[int]]:
+    """Upsert prepared rows (see upsert_params) in one transaction; return how many customers
+    they created, and the positions of the rows refused because their restored lago_id is
+    another customer's (the others are committed)."""
+    try:
+        with write(conn):
+            begin_write(conn)
+            return upsert_batch(conn, rows), []
+    except sqlite3.IntegrityError:
+        pass
+    inserted, refused = 0, []
+    with write(conn):
+        begin_write(conn)
+        for position, params in enumerate(rows):
+            try:
+                inserted += upsert_batch(conn, [params])
+            except sqlite3.IntegrityError:  # SQLite undoes that statement only
+                refused.append(position)
+    return inserted, refused
+
+
 def begin_write(conn: sqlite3.Connection) -> None:
     """Start a write transaction now, so a batch never waits for the lock half-way."""
     conn.execute("BEGIN IMMEDIATE")
 
 
-def check(conn: sqlite3.Connection) -> None:
-    """Raise sqlite3.Error unless the database takes a (tiny, durable) write."""
+def check(conn: Connection, min_free_bytes: int = 0) -> None:
+    """Raise sqlite3.Error unless the database takes a (tiny, durable) write and its disk keeps
+    ``min_free_bytes`` free (SQLite can still fit a write in space it freed, on a full disk)."""
     with write(conn):
         conn.execute(PROBE_WRITE, (utc_now(),))
+    if conn.path != ":memory:" and free_bytes(conn.path) < min_free_bytes:
+        raise DiskNearlyFull("the disk under the database is nearly full")
 
 
 def free_bytes(path: str) -> int:

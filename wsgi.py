@@ -1,5 +1,5 @@
-"""The WSGI entry point: ``gunicorn wsgi:app``."""
+"""The WSGI entry point: ``gunicorn customers_service.wsgi:app`` (or ``wsgi:app`` from here)."""
 
-from app import create_app
+from customers_service.app import create_app
 
 app = create_app()

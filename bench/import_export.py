@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from schemas import SEED_EXAMPLE  # noqa: E402
+from customers_service.schemas import SEED_EXAMPLE  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FLASK = [sys.executable, "-m", "flask", "--app", "wsgi", "customers"]

@@ -18,8 +18,8 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import storage  # noqa: E402
-from app import create_app  # noqa: E402
+from customers_service import storage  # noqa: E402
+from customers_service.app import create_app  # noqa: E402
 
 KEY = "bench-key"
 

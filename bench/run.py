@@ -132,7 +132,7 @@ def profile_upsert(tmp: str) -> None:
     """pyinstrument's profile of 3,000 upserts through the WSGI app, in-process."""
     from pyinstrument import Profiler
 
-    from app import create_app
+    from customers_service.app import create_app
 
     app = create_app(
         {"CUSTOMERS_DATABASE": os.path.join(tmp, "profile.sqlite3"), "CUSTOMERS_API_KEYS": KEY}

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-import storage
-from app import create_app
+from customers_service import storage
+from customers_service.app import create_app
+from customers_service.database import prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789"
@@ -42,9 +43,16 @@ def db_path(tmp_path) -> Path:
     return tmp_path / "customers.sqlite3"
 
 
+def started_app(test_config: dict | None = None):
+    """The standalone app with its database prepared, as a server's start does."""
+    app = create_app(test_config)
+    prepare_database(app)
+    return app
+
+
 @pytest.fixture
 def app(tmp_path, db_path):
-    return create_app(
+    return started_app(
         {
             "TESTING": True,
             "CUSTOMERS_DATABASE": str(db_path),

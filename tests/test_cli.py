@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import API_KEY, ROOT, SEED, post_customer
 
-import storage
+from customers_service import storage
 
 
 def invoke(runner, *args, input=None):

@@ -4,7 +4,8 @@ import pytest
 from conftest import API_KEY, AUTH, SEED
 from flask import Flask
 
-from app import bp
+from customers_service.app import bp
+from customers_service.database import prepare_database
 
 
 @pytest.fixture
@@ -25,6 +26,7 @@ def host(tmp_path):
         return "the host's own 404 page", 404
 
     host.register_blueprint(bp, url_prefix="/billing")
+    prepare_database(host)  # the host's own start
     return host
 
 

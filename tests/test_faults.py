@@ -15,7 +15,7 @@ import pytest
 import requests
 from conftest import AUTH, Gunicorn
 
-import storage
+from customers_service import storage
 
 CUSTOMER_FIELDS = [
     f for f in storage.FIELDS if f not in ("customer_id", "name", "email", "url", "logo_url")

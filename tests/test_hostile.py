@@ -11,8 +11,8 @@ from conftest import API_KEY, AUTH, SEED, post_customer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import storage
-from schemas import COUNTRY_CODES
+from customers_service import storage
+from customers_service.schemas import COUNTRY_CODES
 
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|sqlite|SELECT|INSERT|/(tmp|work|root|usr|home|var)/")
 HYPOTHESIS = settings(

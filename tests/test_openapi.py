@@ -12,8 +12,8 @@ from conftest import API_KEY, ROOT, SEED
 from flask import Flask
 from openapi_spec_validator import validate
 
-import storage
-from app import bp
+from customers_service import storage
+from customers_service.app import bp
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_FLAGS = [

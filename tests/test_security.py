@@ -7,10 +7,10 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, SEED, post_customer
+from conftest import API_KEY, AUTH, SEED, post_customer, started_app
 
-import storage
-from app import key_is_valid
+from customers_service import storage
+from customers_service.app import key_is_valid
 
 # API.md's routes without a key, and the docs page's own assets.
 PUBLIC = {
@@ -95,9 +95,7 @@ def test_database_key_file_and_instance_folder_are_private(server, tmp_path):
 
 
 def test_first_start_files_are_private(tmp_path):
-    from app import create_app
-
-    app = create_app(
+    app = started_app(
         {
             "CUSTOMERS_DATABASE": str(tmp_path / "d.sqlite3"),
             "CUSTOMERS_API_KEY_FILE": str(tmp_path / "keys"),

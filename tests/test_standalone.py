@@ -4,14 +4,14 @@ import os
 import stat
 
 import pytest
-from conftest import AUTH, SEED, post_customer
+from conftest import AUTH, SEED, post_customer, started_app
 
-from app import create_app
+from customers_service.app import create_app
 
 
 def test_first_start_creates_a_private_key_file_and_says_where(tmp_path, capsys):
     key_file = tmp_path / "api-keys"
-    app = create_app(
+    app = started_app(
         {"CUSTOMERS_DATABASE": str(tmp_path / "d.sqlite3"), "CUSTOMERS_API_KEY_FILE": str(key_file)}
     )
     key = key_file.read_text().strip()
@@ -38,7 +38,7 @@ def test_environment_variables_configure_the_app(tmp_path, monkeypatch):
     monkeypatch.setenv("CUSTOMERS_API_KEYS", "env-key-1,env-key-2")
     monkeypatch.setenv("CUSTOMERS_MAX_BODY_BYTES", "50")
     monkeypatch.setenv("CUSTOMERS_SQLITE_SYNCHRONOUS", "normal")
-    client = create_app().test_client()
+    client = started_app().test_client()
     headers = {"Authorization": "Bearer env-key-2"}
     assert post_customer(client, {"customer_id": "c", "name": "N"}, headers).status_code == 200
     assert post_customer(client, SEED, headers).status_code == 413

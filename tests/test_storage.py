@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import storage
+from customers_service import storage
 
 ALICE = {"customer_id": "alice", "name": "Alice", "country": "FR", "email": "a@example.com"}
 
@@ -53,7 +53,7 @@ def test_list_is_newest_first_with_a_maintained_count(conn):
 def test_export_lines_are_the_api_objects_oldest_first(conn):
     for i in range(3):
         storage.upsert_customer(conn, {"customer_id": f"c{i}", "name": "N"})
-    lines = [json.loads(line) for line in storage.iter_export_lines(conn)]
+    lines = [json.loads(line) for line in storage.export_lines(conn)]
     assert [line["customer"]["customer_id"] for line in lines] == ["c0", "c1", "c2"]
     assert lines[0] == {"customer": storage.get_customer(conn, "c0")}
 
@@ -108,7 +108,7 @@ def test_a_write_lock_held_past_the_timeout_raises_operational_error(tmp_path):
 
 
 def test_rows_have_exactly_the_customer_objects_keys(conn):
-    from schemas import CustomerSchema
+    from customers_service.schemas import CustomerSchema
 
     row = storage.upsert_customer(conn, ALICE)
     assert list(row) == list(storage.COLUMNS)

@@ -1,0 +1,153 @@
+"""The operator commands, ``flask customers ...``: the database, API keys, import and export."""
+
+import os
+import time
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from customers_service import storage
+from customers_service.api_keys import (
+    KEY_PREFIX_LENGTH,
+    add_key_to_file,
+    configured_keys,
+    key_file_lock,
+    new_api_key,
+    read_key_file,
+    write_key_file,
+)
+from customers_service.bulk_import import (
+    ImportReport,
+    checked_batches,
+    commit_batch,
+    csv_rows,
+    import_format,
+    jsonl_rows,
+    stream_size,
+)
+from customers_service.database import DatabaseNotReady, Store, open_store, prepare_database
+from customers_service.settings import setting
+
+cli = AppGroup("customers", help="Operate the customers service.")
+
+
+def command_store(prepare: bool = False) -> Store:
+    """A Store for a command, on a database prepared first if ``prepare``; a clear message and
+    a non-zero exit when that cannot be."""
+    try:
+        if prepare:
+            prepare_database(current_app)
+        return open_store()
+    except DatabaseNotReady as e:
+        raise click.ClickException(str(e)) from None
+    except storage.Error as e:
+        raise click.ClickException(f"{setting('CUSTOMERS_DATABASE')}: {e}") from None
+
+
+@cli.command("init-db")
+def init_db_command() -> None:
+    """Create or migrate the database; safe to run any number of times."""
+    command_store(prepare=True).close()
+    click.echo(f"Database ready: {setting('CUSTOMERS_DATABASE')}")
+    key_file = setting("CUSTOMERS_API_KEY_FILE")
+    keys = read_key_file(key_file)
+    if keys:
+        click.echo(f"API key (from {key_file}): {keys[0]}")
+    elif configured_keys():
+        click.echo("API keys: those set in CUSTOMERS_API_KEYS")
+
+
+@cli.command("create-api-key")
+def create_api_key_command() -> None:
+    """Make a new random API key, store it in the key file and print it, once."""
+    path = setting("CUSTOMERS_API_KEY_FILE")
+    key = new_api_key()
+    with key_file_lock(path):
+        add_key_to_file(path, key)
+    click.echo(key)
+    click.echo(f"Stored in {path}. It is not shown again: keep it now.", err=True)
+
+
+@cli.command("list-api-keys")
+def list_api_keys_command() -> None:
+    """Show the prefix of each key in the key file."""
+    for key in read_key_file(setting("CUSTOMERS_API_KEY_FILE")):
+        click.echo(key[:KEY_PREFIX_LENGTH] + "...")
+    if configured_keys():
+        click.echo(f"(and {len(configured_keys())} key(s) set in CUSTOMERS_API_KEYS)")
+
+
+@cli.command("revoke-api-key")
+@click.argument("prefix")
+def revoke_api_key_command(prefix: str) -> None:
+    """Remove the one key of the key file that starts with PREFIX."""
+    path = setting("CUSTOMERS_API_KEY_FILE")
+    with key_file_lock(path):
+        keys = read_key_file(path)
+        matches = [key for key in keys if key.startswith(prefix)]
+        if len(matches) != 1:
+            found = "no key" if not matches else f"{len(matches)} keys"
+            raise click.ClickException(f"{found} of {path} start with {prefix!r}")
+        write_key_file(path, [key for key in keys if key != matches[0]])
+    click.echo(f"Revoked {matches[0][:KEY_PREFIX_LENGTH]}...")
+
+
+@cli.command("import")
+@click.argument("file", type=click.File("rb"))
+@click.option("--format", "file_format", type=click.Choice(["jsonl", "csv"]), help="jsonl or csv")
+@click.option("--rejects", type=click.File("w", encoding="utf-8"), help="write refused rows here")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--jobs",
+    default=min(2, os.cpu_count() or 1),
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="processes that parse and validate rows",
+)
+def import_command(file, file_format: str | None, rejects, batch_size: int, jobs: int) -> None:
+    """Import customers from FILE (JSON Lines or CSV; - for stdin) through the API's rules.
+
+    Creates or migrates the database first, as init-db does.
+    """
+    file_format = import_format(file, file_format)
+    command_store(prepare=True).close()
+    rows = jsonl_rows(file) if file_format == "jsonl" else csv_rows(file)
+    report = ImportReport(rejects, stream_size(file), file.tell)
+    batches = checked_batches(rows, batch_size, jobs)
+    store = None
+    try:
+        for checked in batches:
+            if store is None:  # opened after the workers forked, so no connection crosses a fork
+                store = command_store()
+            commit_batch(store, checked, report)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; committed so far: {report.summary()}", err=True)
+        raise SystemExit(130) from None
+    finally:
+        batches.close()
+        if store is not None:
+            store.close()
+    if report.show_progress:
+        click.echo("\r" + report.progress_line(), err=True)
+    click.echo(report.summary())
+    if report.rejected:
+        raise SystemExit(1)
+
+
+@cli.command("export")
+@click.argument("file", type=click.File("w", encoding="utf-8"), default="-")
+def export_command(file) -> None:
+    """Write every customer to FILE (default stdout) as JSON Lines, in the API's object shape."""
+    store = command_store()
+    count = 0
+    started = time.monotonic()
+    try:
+        for line in store.export_lines():  # one snapshot, while the service goes on writing
+            file.write(line + "\n")
+            count += 1
+    finally:
+        store.close()
+    file.flush()
+    seconds = time.monotonic() - started
+    click.echo(f"exported {count:,} customers in {seconds:.1f} s", err=True)

@@ -1,0 +1,230 @@
+"""The OpenAPI document, built by apispec from the Marshmallow schemas and the app's URL map,
+and the docs page that renders it."""
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask, render_template_string, url_for
+
+from customers_service import schemas
+from customers_service.api_keys import PUBLIC_ENDPOINTS
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Customers API</title>
+  <link rel="stylesheet" href="{{ asset('swagger-ui.css') }}">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{{ asset('swagger-ui-bundle.js') }}"></script>
+  <script>
+    window.ui = SwaggerUIBundle({
+      url: {{ spec_url | tojson }},
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      persistAuthorization: true,
+    });
+  </script>
+</body>
+</html>
+"""
+
+ERROR_DESCRIPTIONS = {
+    400: "`invalid_json`, `bad_request` or `invalid_pagination`.",
+    401: "`unauthorized`: no API key, or a wrong one.",
+    404: "`customer_not_found`.",
+    413: "`payload_too_large`: the body is over the limit (64 KiB by default).",
+    415: "`unsupported_media_type`: the body is not sent as application/json.",
+    422: "`validation_errors`: `error_details` maps each field to its error codes.",
+    500: "`internal_error`, logged with the request id.",
+    503: "`database_busy`, `database_full`, `database_read_only` or `database_unavailable`; "
+    "retry after `Retry-After` seconds.",
+}
+HEADERS = {
+    "X-Request-Id": {
+        "description": "The caller's X-Request-Id when it is 1-200 visible ASCII characters, "
+        "or a new one; the access log line carries the same id.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {"description": "Always `Bearer`.", "schema": {"type": "string"}},
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "string"},
+    },
+}
+# Which error statuses each operation can answer, on top of 500.
+OPERATIONS = {
+    "customers.upsert_customer": (
+        "post",
+        "Create or update a customer",
+        "Creates the customer, or updates the one with this `customer_id`: each key present "
+        "overwrites the stored value (`null` clears it), each key absent keeps it. Unknown keys "
+        "are refused with `unknown_field`, unless their value is `null`.",
+        "CustomerRequest",
+        (400, 401, 413, 415, 422, 503),
+    ),
+    "customers.list_customers": (
+        "get",
+        "List customers",
+        "One page of customers, newest first (`created_at` descending, then insertion order).",
+        None,
+        (400, 401, 503),
+    ),
+    "customers.get_customer": ("get", "Get a customer", "", None, (401, 404, 503)),
+    "customers.delete_customer": (
+        "delete",
+        "Delete a customer",
+        "Deletes the customer and returns it as it was.",
+        None,
+        (401, 404, 503),
+    ),
+    "customers.health": (
+        "get",
+        "Health check",
+        "200 when the database answers, 503 when it does not. No API key needed.",
+        None,
+        (503,),
+    ),
+    "customers.openapi_document": ("get", "This OpenAPI document", "No API key needed.", None, ()),
+    "customers.docs": ("get", "This API's interactive page", "No API key needed.", None, ()),
+}
+# Each operation's 200: its description, media type and schema.
+SUCCESSES = {
+    "customers.upsert_customer": (
+        "The customer as stored.",
+        "application/json",
+        "CustomerResponse",
+    ),
+    "customers.get_customer": ("The customer.", "application/json", "CustomerResponse"),
+    "customers.delete_customer": (
+        "The customer as it was.",
+        "application/json",
+        "CustomerResponse",
+    ),
+    "customers.list_customers": ("One page and the totals.", "application/json", "CustomerList"),
+    "customers.health": ("The database answers.", "application/json", "Health"),
+    "customers.openapi_document": ("The document.", "application/json", {"type": "object"}),
+    "customers.docs": ("An HTML page (Swagger UI).", "text/html", {"type": "string"}),
+}
+
+
+def _schema_name(schema) -> str:
+    """Component names: the class name less "Schema", "Input" for the request's customer."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    name = cls.__name__.removesuffix("Schema")
+    if not isinstance(schema, type) and schema.exclude:
+        name += "Input"
+    return name
+
+
+def _response(description: str, media_type: str, schema, *headers: str) -> dict:
+    """One OpenAPI response object."""
+    return {
+        "description": description,
+        "headers": {h: {"$ref": f"#/components/headers/{h}"} for h in ("X-Request-Id", *headers)},
+        "content": {media_type: {"schema": schema}},
+    }
+
+
+def _error_responses(statuses: tuple[int, ...]) -> dict:
+    """The error responses of one operation, each in the error envelope."""
+    extra = {401: ("WWW-Authenticate",), 503: ("Retry-After",)}
+    return {
+        str(status): _response(
+            ERROR_DESCRIPTIONS[status], "application/json", "Error", *extra.get(status, ())
+        )
+        for status in (*statuses, 500)
+    }
+
+
+def _operation(endpoint: str) -> dict:
+    """The OpenAPI operation of one of our endpoints."""
+    method, summary, description, request_schema, errors = OPERATIONS[endpoint]
+    operation = {
+        "summary": summary,
+        "operationId": endpoint.split(".")[1],
+        "tags": ["service" if endpoint in PUBLIC_ENDPOINTS else "customers"],
+    }
+    if description:
+        operation["description"] = description
+    if endpoint in PUBLIC_ENDPOINTS:
+        operation["security"] = []
+    if endpoint == "customers.list_customers":
+        operation["parameters"] = [{"in": "query", "schema": schemas.PaginationSchema}]
+    if endpoint in ("customers.get_customer", "customers.delete_customer"):
+        operation["parameters"] = [
+            {
+                "in": "path",
+                "name": "customer_id",
+                "required": True,
+                "description": "The customer's customer_id, percent-encoded.",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ]
+    if request_schema:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": request_schema,
+                    "example": {"customer": schemas.SEED_EXAMPLE},
+                }
+            },
+        }
+    ok = _response(*SUCCESSES[endpoint])
+    operation["responses"] = {"200": ok, **_error_responses(errors)}
+    return {method: operation}
+
+
+def build_openapi(app: Flask) -> dict:
+    """The OpenAPI 3 document of this app's customer routes, wherever they are mounted."""
+    spec = APISpec(
+        title="Customers API",
+        version="1.0.0",
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin(schema_name_resolver=_schema_name)],
+        info={
+            "description": "Lago's `POST /api/v1/customers` of 2022, with the rest of the "
+            "customer resource around it. Send `Authorization: Bearer <api key>`."
+        },
+        security=[{"bearerAuth": []}],
+    )
+    spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    for name, header in HEADERS.items():
+        spec.components.header(name, header)
+    spec.components.schema("Error", schema=schemas.ErrorSchema)
+    spec.components.schema("CustomerRequest", schema=schemas.CustomerRequestSchema)
+    spec.components.schema("CustomerResponse", schema=schemas.CustomerResponseSchema)
+    spec.components.schema("CustomerList", schema=schemas.CustomerListSchema)
+    spec.components.schema("Health", schema=schemas.HealthSchema)
+    paths: dict[str, dict] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in OPERATIONS:
+            paths.setdefault(rule.rule, {}).update(_operation(rule.endpoint))
+    for rule_path, operations in paths.items():
+        path = rule_path.replace("<customer_id:customer_id>", "{customer_id}")
+        spec.path(path=path, operations=operations)
+    document = spec.to_dict()
+    # Unknown keys are refused unless null (Lago clients send their whole model): say so exactly.
+    document["components"]["schemas"]["CustomerInput"]["additionalProperties"] = {
+        "nullable": True,
+        "enum": [None],
+    }
+    return document
+
+
+def openapi_spec(app: Flask) -> dict:
+    """The app's OpenAPI document, built once per app."""
+    if "customers_openapi" not in app.extensions:
+        app.extensions["customers_openapi"] = build_openapi(app)
+    return app.extensions["customers_openapi"]
+
+
+def docs_page() -> str:
+    """The interactive API page (Swagger UI, its assets served by the blueprint)."""
+    return render_template_string(
+        DOCS_PAGE,
+        asset=lambda name: url_for(".docs_asset", filename=name),
+        spec_url=url_for(".openapi_document"),
+    )

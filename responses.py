@@ -1,0 +1,68 @@
+"""What the API answers: JSON in the contract's key order, and the one error envelope."""
+
+import json
+from http import HTTPStatus
+
+from flask import Response, current_app
+from werkzeug.exceptions import ClientDisconnected, HTTPException
+
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+RETRY_LATER = {"Retry-After": "1"}
+
+
+class ApiError(Exception):
+    """An error the API answers with its envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str | None = None,
+        details: dict | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(code)
+        self.status, self.code, self.message = status, code, message
+        self.details, self.headers = details, headers or {}
+
+
+def json_response(body: dict, status: int = 200) -> Response:
+    """``body`` as JSON with its keys in the order given (the contract's), as Flask writes it."""
+    text = json.dumps(body, separators=(",", ":")) + "\n"
+    return current_app.response_class(text, status, mimetype="application/json")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str | None = None,
+    details: dict | None = None,
+    headers: dict | None = None,
+) -> Response:
+    """The contract's error envelope as a response."""
+    body = {"status": status, "error": HTTPStatus(status).phrase, "code": code}
+    if message:
+        body["message"] = message
+    if details:
+        body["error_details"] = details
+    response = json_response(body, status)
+    response.headers.update(headers or {})
+    return response
+
+
+def http_error(e: HTTPException) -> Response:
+    """Werkzeug's HTTP errors in the contract's envelope."""
+    if isinstance(e, ClientDisconnected):
+        return error_response(400, "bad_request", "the body ended before its Content-Length")
+    headers = {}
+    if e.code == 405 and getattr(e, "valid_methods", None):
+        headers["Allow"] = ", ".join(e.valid_methods)
+    code = HTTP_ERROR_CODES.get(e.code, "http_error")
+    return error_response(e.code, code, headers=headers)

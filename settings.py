@@ -1,0 +1,70 @@
+"""Settings: every CUSTOMERS_* key, its default, and the checks that refuse a broken one."""
+
+import os
+
+from flask import Flask, current_app
+
+from customers_service import storage
+
+# Read from the environment by the standalone app; a host app sets the same keys in its config.
+SETTINGS = (
+    "CUSTOMERS_DATABASE",
+    "CUSTOMERS_API_KEYS",
+    "CUSTOMERS_API_KEY_FILE",
+    "CUSTOMERS_REQUIRE_API_KEY",
+    "CUSTOMERS_MAX_BODY_BYTES",
+    "CUSTOMERS_SQLITE_SYNCHRONOUS",
+    "CUSTOMERS_SQLITE_TIMEOUT",
+    "CUSTOMERS_MIN_FREE_BYTES",
+)
+DEFAULTS = {
+    "CUSTOMERS_API_KEYS": "",
+    "CUSTOMERS_REQUIRE_API_KEY": True,
+    "CUSTOMERS_MAX_BODY_BYTES": 65536,
+    "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
+    "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
+    "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
+}
+# Settings whose default is a file in the app's instance folder.
+INSTANCE_FILES = {"CUSTOMERS_DATABASE": "customers.sqlite3", "CUSTOMERS_API_KEY_FILE": "api-keys"}
+
+
+def setting(name: str, app: Flask | None = None):
+    """A CUSTOMERS_* setting of ``app`` (the current app by default), or its default."""
+    app = app or current_app
+    config = app.config
+    if name in config:
+        return config[name]
+    if name in INSTANCE_FILES:
+        return os.path.join(app.instance_path, INSTANCE_FILES[name])
+    return DEFAULTS[name]
+
+
+def from_environment(config) -> None:
+    """Copy every CUSTOMERS_* environment variable the service knows into ``config``."""
+    for name in SETTINGS:
+        if name in os.environ:
+            config[name] = os.environ[name]
+
+
+def check_settings(config) -> None:
+    """Refuse, at start, a setting the service could only fail on at every request."""
+    synchronous = str(config.get("CUSTOMERS_SQLITE_SYNCHRONOUS", "FULL")).upper()
+    if synchronous not in storage.SYNCHRONOUS_MODES:
+        raise ValueError(f"CUSTOMERS_SQLITE_SYNCHRONOUS must be one of {storage.SYNCHRONOUS_MODES}")
+    for name in (
+        "CUSTOMERS_MAX_BODY_BYTES",
+        "CUSTOMERS_MIN_FREE_BYTES",
+        "CUSTOMERS_SQLITE_TIMEOUT",
+    ):
+        try:
+            float(config.get(name, 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, not {config[name]!r}") from None
+
+
+def flag(value) -> bool:
+    """A boolean setting, from a bool or from an environment string."""
+    if isinstance(value, str):
+        return value.strip().lower() not in {"0", "false", "no", "off", ""}
+    return bool(value)
