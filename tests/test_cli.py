@@ -14,6 +14,7 @@ import pytest
 from conftest import API_KEY, ROOT, SEED, post_customer
 
 from customers_service import storage
+from customers_service.app import create_app
 
 
 def invoke(runner, *args, input=None):
@@ -383,3 +384,23 @@ def test_no_progress_bar_when_not_a_terminal(runner, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"customer_id": "c", "name": "N"}])
     result = invoke(runner, "import", path)
     assert "\r" not in result.output
+
+
+def test_init_db_says_clearly_when_the_database_folder_is_missing(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    app = create_app(
+        {"CUSTOMERS_DATABASE": str(missing / "customers.sqlite3"), "CUSTOMERS_API_KEYS": "k"}
+    )
+    result = app.test_cli_runner().invoke(args=["customers", "init-db"])
+    assert result.exit_code != 0
+    assert f"the database's folder {missing} does not exist" in result.output
+    assert "Traceback" not in result.output
+    assert not missing.exists()
+
+
+def test_export_of_a_missing_database_fails_and_creates_nothing(db_path):
+    app = create_app({"CUSTOMERS_DATABASE": str(db_path), "CUSTOMERS_API_KEYS": "k"})
+    result = invoke(app.test_cli_runner(), "export")
+    assert result.exit_code != 0
+    assert "missing" in result.output
+    assert not db_path.exists()

@@ -9,6 +9,7 @@ import string
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
@@ -238,8 +239,25 @@ def test_a_full_disk_is_a_503_with_a_code_and_the_service_recovers_by_itself(tmp
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def answers_from_every_worker(url: str, session: requests.Session, body: dict) -> list:
+    """(status, code) of a POST and a /health, sent one after another and 8 at once, so that
+    every worker of a 4-worker gunicorn answers some."""
+
+    def one(_) -> tuple:
+        with requests.Session() as own:
+            own.headers.update(session.headers)
+            post = own.post(url + "/api/v1/customers", json=body, headers={"X-Request-Id": "gone"})
+            health = own.get(url + "/health")
+        return (post.status_code, post.json().get("code"), health.status_code)
+
+    results = [one(n) for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results += list(pool.map(one, range(16)))
+    return results
+
+
 def test_a_removed_database_is_a_503_and_the_service_recovers_when_it_is_back(tmp_path):
-    gunicorn = Gunicorn(tmp_path, workers=2).start()
+    gunicorn = Gunicorn(tmp_path, workers=4).start()  # the project's default on 2 cores
     backup = tmp_path / "backup.sqlite3"
     try:
         session = requests.Session()
@@ -252,19 +270,45 @@ def test_a_removed_database_is_a_503_and_the_service_recovers_when_it_is_back(tm
             path = f"{gunicorn.db_path}{suffix}"
             if os.path.exists(path):
                 os.remove(path)
-        for _ in range(4):  # both workers answer it
-            response = session.post(
-                gunicorn.url + "/api/v1/customers", json=body, headers={"X-Request-Id": "gone-1"}
-            )
-            assert response.status_code == 503
-            assert response.json()["code"] == "database_unavailable"
-            assert session.get(gunicorn.url + "/health").status_code == 503
-        assert "request_id=gone-1 database_unavailable" in gunicorn.log()
+        # Workers that served before and workers whose first request this is, alike.
+        results = answers_from_every_worker(gunicorn.url, session, body)
+        assert set(results) == {(503, "database_unavailable", 503)}
+        assert "request_id=gone database_unavailable" in gunicorn.log()
         assert not gunicorn.db_path.exists(), "the service made an empty database in its place"
         shutil.copy(backup, gunicorn.db_path)
-        for _ in range(4):
+        for _ in range(8):
             assert session.get(gunicorn.url + "/health").status_code == 200
             got = session.get(gunicorn.url + "/api/v1/customers/kept")
             assert got.status_code == 200
     finally:
         gunicorn.stop()
+
+
+def test_a_removed_database_folder_is_a_503_and_the_service_recovers_when_it_is_back(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    gunicorn = Gunicorn(tmp_path, workers=4, db_path=folder / "customers.sqlite3").start()
+    try:
+        session = requests.Session()
+        session.headers.update(AUTH)
+        body = {"customer": {"customer_id": "kept", "name": "N"}}
+        assert session.post(gunicorn.url + "/api/v1/customers", json=body).status_code == 200
+        folder.rename(tmp_path / "away")
+        results = answers_from_every_worker(gunicorn.url, session, body)
+        assert set(results) == {(503, "database_unavailable", 503)}
+        assert not folder.exists(), "the service made the folder again"
+        (tmp_path / "away").rename(folder)
+        for _ in range(8):
+            assert session.get(gunicorn.url + "/api/v1/customers/kept").status_code == 200
+    finally:
+        gunicorn.stop()
+
+
+def test_a_server_whose_database_folder_is_missing_does_not_start(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    gunicorn = Gunicorn(tmp_path, db_path=missing / "customers.sqlite3")
+    with pytest.raises(RuntimeError, match="did not answer"):
+        gunicorn.start()
+    assert gunicorn.proc.returncode != 0
+    assert f"the database's folder {missing} does not exist" in gunicorn.log()
+    assert not missing.exists()

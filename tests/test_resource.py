@@ -314,3 +314,56 @@ def test_health_is_503_when_the_file_is_not_a_database(client, db_path):
 
 def test_health_needs_no_key(client):
     assert client.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 200
+
+
+# The contract's order (Lago's documentation), written out here rather than read from the code.
+DOCUMENTED_ORDER = [
+    "lago_id",
+    "customer_id",
+    "name",
+    "country",
+    "address_line1",
+    "address_line2",
+    "state",
+    "zipcode",
+    "email",
+    "city",
+    "url",
+    "phone",
+    "logo_url",
+    "legal_name",
+    "legal_number",
+    "created_at",
+    "updated_at",
+]
+
+
+def keys_in_order(response) -> list:
+    """The keys of a JSON object body as the bytes list them."""
+    return list(json.loads(response.get_data(as_text=True), object_pairs_hook=dict))
+
+
+def test_customer_keys_come_in_the_documented_order(client):
+    created = post_customer(client, SEED)
+    assert list(json.loads(created.data)["customer"]) == DOCUMENTED_ORDER
+    got = client.get(customer_url(SEED["customer_id"]), headers=AUTH)
+    assert list(json.loads(got.data)["customer"]) == DOCUMENTED_ORDER
+    page = client.get("/api/v1/customers", headers=AUTH)
+    assert keys_in_order(page) == ["customers", "meta"]
+    assert list(json.loads(page.data)["customers"][0]) == DOCUMENTED_ORDER
+    assert list(json.loads(page.data)["meta"]) == [
+        "current_page",
+        "next_page",
+        "prev_page",
+        "total_pages",
+        "total_count",
+    ]
+    deleted = client.delete(customer_url(SEED["customer_id"]), headers=AUTH)
+    assert list(json.loads(deleted.data)["customer"]) == DOCUMENTED_ORDER
+
+
+def test_error_envelope_keys_come_in_the_documented_order(client):
+    response = post_customer(client, {"customer_id": "c", "name": ""})
+    assert keys_in_order(response) == ["status", "error", "code", "error_details"]
+    missing = client.get(customer_url("nobody"), headers=AUTH)
+    assert keys_in_order(missing) == ["status", "error", "code", "message"]
