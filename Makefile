@@ -12,18 +12,21 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Tests use Debian's Chromium (the docs page in a real browser), nginx (the slow-client set-up)
-# and curl (the README's example).
+# Tests use Debian's Chromium (the docs page in a real browser), nginx (the slow-client set-up and
+# the load balancer of several hosts), curl (the README's example), PostgreSQL's server (a
+# throwaway cluster per run) and iproute2 (network namespaces for several hosts).
 system-packages:
-	@if ! command -v chromium >/dev/null || ! test -x /usr/sbin/nginx || ! command -v curl >/dev/null; \
+	@if ! command -v chromium >/dev/null || ! test -x /usr/sbin/nginx || ! command -v curl >/dev/null \
+		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v ip >/dev/null; \
 	then \
 		apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx-light curl >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium nginx-light curl postgresql iproute2 >/dev/null; \
 	fi
 
 # By hand, never in CI: about 10 minutes of load on 127.0.0.1 (see bench/README.md).
 bench: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,postgres,bench]'
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
@@ -34,5 +37,5 @@ lint: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,postgres]'
 	touch $@

@@ -228,7 +228,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     It opens no database: gunicorn's master (gunicorn.conf.py), ``flask run`` and
     ``flask customers init-db`` prepare it, so a worker never creates one.
     """
-    app = Flask(__name__, instance_relative_config=True, static_folder=None)
+    app = Flask(
+        __name__,
+        instance_path=checkout_instance_path(),
+        instance_relative_config=True,
+        static_folder=None,
+    )
     from_environment(app.config)
     if test_config:
         app.config.update(test_config)
@@ -243,6 +248,15 @@ def create_app(test_config: dict | None = None) -> Flask:
     if started_by_flask_run():
         prepare_or_exit(app)
     return app
+
+
+def checkout_instance_path() -> str | None:
+    """``instance/`` in the repository when run from a checkout (or an editable install);
+    None, Flask's own choice (``<prefix>/var/...``), when installed in site-packages."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "site-packages" in here.split(os.sep):
+        return None
+    return os.path.join(here, "instance")
 
 
 def started_by_flask_run() -> bool:

@@ -7,7 +7,6 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from customers_service import storage
 from customers_service.api_keys import (
     KEY_PREFIX_LENGTH,
     add_key_to_file,
@@ -26,7 +25,14 @@ from customers_service.bulk_import import (
     jsonl_rows,
     stream_size,
 )
-from customers_service.database import DatabaseNotReady, Store, open_store, prepare_database
+from customers_service.database import (
+    DatabaseNotReady,
+    Store,
+    backend,
+    open_store,
+    prepare_database,
+    where,
+)
 from customers_service.settings import setting
 
 cli = AppGroup("customers", help="Operate the customers service.")
@@ -41,15 +47,15 @@ def command_store(prepare: bool = False) -> Store:
         return open_store()
     except DatabaseNotReady as e:
         raise click.ClickException(str(e)) from None
-    except storage.Error as e:
-        raise click.ClickException(f"{setting('CUSTOMERS_DATABASE')}: {e}") from None
+    except backend().Error as e:
+        raise click.ClickException(f"{where()}: {e}") from None
 
 
 @cli.command("init-db")
 def init_db_command() -> None:
     """Create or migrate the database; safe to run any number of times."""
     command_store(prepare=True).close()
-    click.echo(f"Database ready: {setting('CUSTOMERS_DATABASE')}")
+    click.echo(f"Database ready: {where()}")
     key_file = setting("CUSTOMERS_API_KEY_FILE")
     keys = read_key_file(key_file)
     if keys:

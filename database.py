@@ -1,8 +1,7 @@
-"""The database as views and commands see it: one Store per thread, opened after any fork,
-never creating the database; only prepare_database() creates and migrates it."""
+"""The database as views and commands see it: a Store per request, from the backend the
+settings choose (SQLite by default, PostgreSQL with CUSTOMERS_DATABASE_URL), never creating the
+database; only prepare_database() creates and migrates it."""
 
-import os
-import threading
 from collections.abc import Iterator, Mapping
 
 from flask import Flask, current_app, g
@@ -10,7 +9,7 @@ from flask import Flask, current_app, g
 from customers_service import storage
 from customers_service.settings import setting
 
-_thread = threading.local()
+_connections: dict[tuple, object] = {}
 
 
 class DatabaseNotReady(Exception):
@@ -20,12 +19,12 @@ class DatabaseNotReady(Exception):
 class Store:
     """One connection and the backend module that speaks its SQL.
 
-    Views and commands call these methods and never ask which backend they have: a second
-    backend is a second module with the same functions.
+    Views and commands call these methods and never ask which backend they have: each backend
+    is a module with the same functions (storage.py, storage_postgres.py).
     """
 
-    def __init__(self, backend, conn):
-        self.backend, self.conn = backend, conn
+    def __init__(self, backend, conn, connections):
+        self.backend, self.conn, self.connections = backend, conn, connections
 
     def upsert_customer(self, fields: Mapping[str, str | None]) -> dict:
         """Create the customer, or update the keys present in ``fields``; return the row."""
@@ -47,9 +46,9 @@ class Store:
         """Raise the backend's error unless the database takes a write and has room for more."""
         self.backend.check(self.conn, min_free_bytes)
 
-    def import_batch(self, rows: list[dict]) -> int:
+    def import_batch(self, rows: list[dict]) -> tuple[int, list[int]]:
         """Upsert prepared rows (see storage.upsert_params) in one transaction; return how many
-        customers they created."""
+        customers they created and the positions of the rows refused."""
         return self.backend.import_batch(self.conn, rows)
 
     def export_lines(self) -> Iterator[str]:
@@ -57,24 +56,55 @@ class Store:
         return self.backend.export_lines(self.conn)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close a command's connection."""
         self.conn.close()
+
+
+def backend(app: Flask | None = None):
+    """The storage module the app's settings choose."""
+    if setting("CUSTOMERS_DATABASE_URL", app):
+        from customers_service import storage_postgres  # only installed with [postgres]
+
+        return storage_postgres
+    return storage
+
+
+def connections(app: Flask | None = None):
+    """The app's database connections (a backend's Connections), one object per set of
+    settings, so each process keeps its connections across requests."""
+    app = app or current_app
+    url = setting("CUSTOMERS_DATABASE_URL", app)
+    if url:
+        key = (
+            url,
+            int(setting("CUSTOMERS_POSTGRES_POOL_SIZE", app)),
+            float(setting("CUSTOMERS_POSTGRES_POOL_TIMEOUT", app)),
+            float(setting("CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT", app)),
+        )
+    else:
+        key = (
+            setting("CUSTOMERS_DATABASE", app),
+            str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS", app)).upper(),
+            float(setting("CUSTOMERS_SQLITE_TIMEOUT", app)),
+        )
+    found = _connections.get(key)
+    if found is None:
+        found = _connections[key] = backend(app).Connections(*key)
+    return found
+
+
+def where(app: Flask | None = None) -> str:
+    """The database's path or URL, without a password, for messages."""
+    url = setting("CUSTOMERS_DATABASE_URL", app)
+    if url:
+        return backend(app).safe_url(url)
+    return setting("CUSTOMERS_DATABASE", app)
 
 
 def fault(error: BaseException) -> tuple[str, str] | None:
     """The contract's 503 code and message for a database fault (database_busy, ...), or None
     for any other error, a refused constraint included."""
-    return storage.fault(error)
-
-
-def database_settings(app: Flask | None = None) -> tuple[str, str, float]:
-    """The database's path, synchronous mode and lock timeout, from the app's settings."""
-    app = app or current_app
-    return (
-        setting("CUSTOMERS_DATABASE", app),
-        str(setting("CUSTOMERS_SQLITE_SYNCHRONOUS", app)).upper(),
-        float(setting("CUSTOMERS_SQLITE_TIMEOUT", app)),
-    )
+    return backend().fault(error)
 
 
 def prepare_database(app: Flask) -> str:
@@ -83,73 +113,43 @@ def prepare_database(app: Flask) -> str:
     The only code that creates a database: ``flask customers init-db`` and a server's start
     (before any worker forks) call it; a request never does.
     """
-    path, synchronous, timeout = database_settings(app)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise DatabaseNotReady(f"the database's folder {folder} does not exist: create it first")
     try:
-        conn = storage.connect(path, synchronous=synchronous, timeout=timeout, create=True)
-        try:
-            storage.migrate(conn)
-        finally:
-            conn.close()
-    except (OSError, storage.Error) as e:
-        raise DatabaseNotReady(f"cannot prepare the database {path}: {e}") from None
-    return path
+        connections(app).prepare()
+    except (OSError, backend(app).Error) as e:
+        raise DatabaseNotReady(f"cannot prepare the database {where(app)}: {e}") from None
+    return where(app)
 
 
 def open_store(app: Flask | None = None) -> Store:
     """A new Store on the existing, migrated database, for a command; the caller closes it."""
-    path, synchronous, timeout = database_settings(app)
-    return Store(storage, storage.connect_ready(path, synchronous=synchronous, timeout=timeout))
+    conns = connections(app)
+    return Store(backend(app), conns.open(), conns)
 
 
 def get_store() -> Store:
-    """This request's Store: this thread's connection, reopened after a fork or if the file
-    was replaced, and never a database created in place of a missing one."""
+    """This request's Store, on a connection kept by this process."""
     if "customers_store" not in g:
-        g.customers_store = Store(storage, _thread_connection(*database_settings()))
+        conns = connections()
+        g.customers_store = Store(backend(), conns.acquire(), conns)
     return g.customers_store
 
 
 def release_store() -> None:
-    """End the request's use of its connection, rolling back anything left open."""
+    """End the request's use of its connection."""
     store = g.pop("customers_store", None)
-    if store is not None and store.conn.in_transaction:
-        store.conn.rollback()
+    if store is not None:
+        store.connections.release(store.conn)
 
 
 def forget_store() -> None:
-    """Close this thread's connection after a fault, so the next request opens a fresh one."""
-    g.pop("customers_store", None)
-    _drop_thread_connection(setting("CUSTOMERS_DATABASE"))
+    """After a fault: give up the request's connection, so the next request gets a sound one."""
+    store = g.pop("customers_store", None)
+    if store is not None:
+        store.connections.discard(store.conn)
 
 
-def _thread_connection(path: str, synchronous: str, timeout: float):
-    """This thread's connection to ``path`` (opening one costs more than most requests)."""
-    key = (os.getpid(), path, synchronous, timeout)
-    cached = getattr(_thread, "connections", None)
-    if cached is None:
-        cached = _thread.connections = {}
-    entry = cached.get(key)
-    try:
-        identity = storage.file_identity(path)
-    except storage.DatabaseMissing:
-        _drop_thread_connection(path)
-        raise
-    if entry is not None:
-        if entry[0] == identity:
-            return entry[1]
-        _drop_thread_connection(path)
-    conn = storage.connect_ready(path, synchronous=synchronous, timeout=timeout)
-    cached[key] = (storage.file_identity(path), conn)
-    return conn
-
-
-def _drop_thread_connection(path: str) -> None:
-    """Close this thread's connections to ``path``."""
-    cached = getattr(_thread, "connections", {})
-    for key in [k for k in cached if k[1] == path]:
-        _, conn = cached.pop(key)
-        if key[0] == os.getpid():  # one inherited through a fork is the parent's to close
-            conn.close()
+def close_connections() -> None:
+    """Close every connection and pool this process keeps (tests, and a host's shutdown)."""
+    while _connections:
+        _, conns = _connections.popitem()
+        conns.close()

@@ -1,5 +1,6 @@
 """Marshmallow schemas: the shape of a customer, its rules and its error codes."""
 
+import datetime
 import re
 import uuid
 
@@ -41,8 +42,32 @@ COUNTRY_PATTERN = (
 )
 # White space is what str.isspace() says, spelled out as \uXXXX: regex dialects disagree on \s.
 WHITE_SPACE = "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace())
-# At least one character that is not white space: the same rule here and in the document.
-not_blank = validate.Regexp(f"^[{WHITE_SPACE}]*[^{WHITE_SPACE}]", error="value_is_mandatory")
+
+
+class TextRule(validate.Regexp):
+    """A string's character rules as one pattern, since the OpenAPI document states one per
+    field: no NUL anywhere (PostgreSQL cannot store it, so neither backend takes it) and, when
+    ``required``, at least one character that is not white space. Each broken rule has its own
+    code: ``invalid_character`` for NUL, ``value_is_mandatory`` for blank."""
+
+    def __init__(self, required: bool):
+        if required:
+            pattern = f"^[{WHITE_SPACE}]*[^{WHITE_SPACE}\\u0000][^\\u0000]*$"
+        else:
+            pattern = "^[^\\u0000]*$"
+        super().__init__(pattern, error="invalid_character")
+        self.required = required
+
+    def __call__(self, value: str) -> str:
+        if "\0" in value:
+            raise ValidationError("invalid_character")
+        if self.required and not value.strip():
+            raise ValidationError("value_is_mandatory")
+        return value
+
+
+not_blank = TextRule(required=True)
+no_nul = TextRule(required=False)
 
 
 def described(description: str, example=None, **extra) -> dict:
@@ -69,7 +94,7 @@ def optional_text(
     """An optional string (``null`` clears it) of at most ``max_length`` characters."""
     return fields.String(
         allow_none=True,
-        validate=[*rules, validate.Length(max=max_length, error=TOO_LONG)],
+        validate=[no_nul, *rules, validate.Length(max=max_length, error=TOO_LONG)],
         error_messages=TEXT_ERRORS,
         metadata=described(description, example, **extra),
     )
@@ -94,6 +119,8 @@ class CountryCode(fields.String):
 
 def known_country(value: str) -> None:
     """Refuse a code that is not ISO 3166-1 alpha-2 (or XK)."""
+    if "\0" in value:
+        raise ValidationError("invalid_character")
     if value not in COUNTRY_CODES:
         raise ValidationError("not_a_valid_country_code")
 
@@ -260,9 +287,15 @@ TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z"
 
 
 def api_timestamp(value: str) -> None:
-    """Refuse a timestamp not written as the API writes them (2022-04-29T08:59:51Z)."""
-    if not TIMESTAMP.fullmatch(value):
-        raise ValidationError("invalid_timestamp")
+    """Refuse a timestamp not written as the API writes them (2022-04-29T08:59:51Z), or not a
+    real time (both backends must be able to store it)."""
+    try:
+        if TIMESTAMP.fullmatch(value):
+            datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+            return
+    except ValueError:
+        pass
+    raise ValidationError("invalid_timestamp")
 
 
 def canonical_uuid(value: str) -> None:

@@ -8,6 +8,10 @@ from customers_service import storage
 
 # Read from the environment by the standalone app; a host app sets the same keys in its config.
 SETTINGS = (
+    "CUSTOMERS_DATABASE_URL",
+    "CUSTOMERS_POSTGRES_POOL_SIZE",
+    "CUSTOMERS_POSTGRES_POOL_TIMEOUT",
+    "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT",
     "CUSTOMERS_DATABASE",
     "CUSTOMERS_API_KEYS",
     "CUSTOMERS_API_KEY_FILE",
@@ -18,6 +22,10 @@ SETTINGS = (
     "CUSTOMERS_MIN_FREE_BYTES",
 )
 DEFAULTS = {
+    "CUSTOMERS_DATABASE_URL": "",
+    "CUSTOMERS_POSTGRES_POOL_SIZE": 2,
+    "CUSTOMERS_POSTGRES_POOL_TIMEOUT": 5.0,
+    "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT": 5.0,
     "CUSTOMERS_API_KEYS": "",
     "CUSTOMERS_REQUIRE_API_KEY": True,
     "CUSTOMERS_MAX_BODY_BYTES": 65536,
@@ -56,11 +64,30 @@ def check_settings(config) -> None:
         "CUSTOMERS_MAX_BODY_BYTES",
         "CUSTOMERS_MIN_FREE_BYTES",
         "CUSTOMERS_SQLITE_TIMEOUT",
+        "CUSTOMERS_POSTGRES_POOL_SIZE",
+        "CUSTOMERS_POSTGRES_POOL_TIMEOUT",
+        "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT",
     ):
         try:
             float(config.get(name, 0))
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, not {config[name]!r}") from None
+    if config.get("CUSTOMERS_DATABASE_URL"):
+        check_postgres_url(config["CUSTOMERS_DATABASE_URL"])
+
+
+def check_postgres_url(url: str) -> None:
+    """Refuse a URL that is not PostgreSQL's, or PostgreSQL without its optional packages."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("CUSTOMERS_DATABASE_URL must start with postgresql://")
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "CUSTOMERS_DATABASE_URL needs the postgres extra: "
+            "pip install 'customers-service[postgres]'"
+        ) from None
 
 
 def flag(value) -> bool:

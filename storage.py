@@ -3,6 +3,7 @@
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -399,3 +400,71 @@ def free_bytes(path: str) -> int:
     """Bytes free for ordinary users on the filesystem that holds ``path``."""
     st = os.statvfs(os.path.dirname(os.path.abspath(path)))
     return st.f_bavail * st.f_frsize
+
+
+_thread = threading.local()
+
+
+class Connections:
+    """The connections of one process to one SQLite file: one per thread, kept across requests
+    (opening one costs more than most requests), reopened after a fork or when the file is
+    replaced, and never creating the file."""
+
+    def __init__(self, path: str, synchronous: str, timeout: float):
+        self.path, self.synchronous, self.timeout = path, synchronous, timeout
+        self._key = (path, synchronous, timeout)
+
+    def prepare(self) -> None:
+        """Create the file if it is missing (its folder must exist) and apply migrations."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"the database's folder {folder} does not exist: create it first"
+            )
+        conn = connect(self.path, synchronous=self.synchronous, timeout=self.timeout, create=True)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+
+    def open(self) -> Connection:
+        """A connection of its own, for a command; the caller closes it."""
+        return connect_ready(self.path, synchronous=self.synchronous, timeout=self.timeout)
+
+    def acquire(self) -> Connection:
+        """This thread's connection, checked to still be the file at the path."""
+        cached = getattr(_thread, "connections", None)
+        if cached is None:
+            cached = _thread.connections = {}
+        entry = cached.get(self._key)
+        try:
+            identity = file_identity(self.path)
+        except DatabaseMissing:
+            self._drop(cached)
+            raise
+        if entry is not None:
+            pid, known_identity, conn = entry
+            if pid == os.getpid() and known_identity == identity:
+                return conn
+            self._drop(cached)
+        conn = self.open()
+        cached[self._key] = (os.getpid(), file_identity(self.path), conn)
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        """End a request's use of the connection, rolling back anything left open."""
+        if conn.in_transaction:
+            conn.rollback()
+
+    def discard(self, conn: Connection) -> None:
+        """Close this thread's connection after a fault: the next request opens a fresh one."""
+        self._drop(getattr(_thread, "connections", {}))
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._drop(getattr(_thread, "connections", {}))
+
+    def _drop(self, cached: dict) -> None:
+        entry = cached.pop(self._key, None)
+        if entry is not None and entry[0] == os.getpid():  # a parent's, through a fork: not ours
+            entry[2].close()

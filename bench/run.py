@@ -133,16 +133,19 @@ def profile_upsert(tmp: str) -> None:
     from pyinstrument import Profiler
 
     from customers_service.app import create_app
+    from customers_service.database import prepare_database
 
     app = create_app(
         {"CUSTOMERS_DATABASE": os.path.join(tmp, "profile.sqlite3"), "CUSTOMERS_API_KEYS": KEY}
     )
+    prepare_database(app)
     client = app.test_client()
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"customer": {"customer_id": "p", "name": "Gavin Belson", "country": "US"}}
     profiler = Profiler(interval=0.0002)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # access lines
-        client.post("/api/v1/customers", json=body, headers=headers)
+        warm_up = client.post("/api/v1/customers", json=body, headers=headers)
+        assert warm_up.status_code == 200, warm_up.get_data(as_text=True)
         profiler.start()
         for i in range(3000):
             body["customer"]["customer_id"] = f"p-{i % 1000}"

@@ -1,17 +1,26 @@
-"""Fixtures: an app on a fresh SQLite file, its client, an in-memory connection, a real gunicorn."""
+"""Fixtures: an app on a fresh database of either backend (SQLite, or a PostgreSQL cluster the
+tests start themselves), its client, an in-memory connection, a real gunicorn."""
 
+import glob
+import itertools
 import os
+import random
+import shutil
 import signal
 import socket
+import sqlite3
+import string
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from customers_service import storage
+from customers_service import database, storage
 from customers_service.app import create_app
 from customers_service.database import prepare_database
 
@@ -38,6 +47,184 @@ SEED = {
 }
 
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests of the API's behaviour run on both backends; a test that asks for ``db_path`` (the
+    SQLite file) is about SQLite's own machinery and runs on SQLite only."""
+    if "backend" in metafunc.fixturenames:
+        only_sqlite = "db_path" in metafunc.fixturenames
+        metafunc.parametrize("backend", ["sqlite"] if only_sqlite else BACKENDS, indirect=True)
+
+
+def postgres_bin() -> Path:
+    """The folder of PostgreSQL's server programs (Debian keeps them off the PATH)."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(f.split("/")[4]))
+    if not folders:
+        pytest.fail("PostgreSQL's server is not installed: `make test` installs it")
+    return Path(folders[-1])
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster: initdb into a temporary folder, its own port and socket,
+    run as the ``postgres`` user (PostgreSQL refuses root), stopped and removed at the end."""
+
+    TEMPLATE = "customers_template"
+
+    def __init__(self, listen: str = "127.0.0.1", allow: tuple[str, ...] = ()):
+        self.bin = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="customers-pg-"))
+        shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.listen, self.allow = listen, allow
+        self.names = itertools.count(1)
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+        """A PostgreSQL program, as the postgres user."""
+        return subprocess.run(
+            [str(self.bin / command[0]), *command[1:]],
+            user="postgres",
+            cwd=self.root,
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def init(self) -> "PostgresCluster":
+        self.run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            for network in self.allow:  # the test hosts' namespaces
+                hba.write(f"host all all {network} trust\n")
+        return self
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses='{self.listen}' "
+            "-c max_connections=300 -c shared_buffers=64MB"
+        )
+        log = str(self.root / "log")
+        result = self.run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            log,
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"PostgreSQL did not start: {result.stderr}\n{self.log()}")
+
+    def stop(self, mode: str = "fast") -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def log(self) -> str:
+        try:
+            return (self.root / "log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def url(self, name: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://postgres@{host}:{self.port}/{name}"
+
+    def admin(self, sql: str) -> None:
+        with psycopg_connect(self.url()) as conn:
+            conn.execute(sql)
+
+    def make_template(self) -> None:
+        """A migrated database that each test's database is copied from."""
+        self.admin(f"CREATE DATABASE {self.TEMPLATE}")
+        conn = storage_postgres().connect(self.url(self.TEMPLATE))
+        try:
+            storage_postgres().migrate(conn)
+        finally:
+            conn.close()
+
+    def new_database(self, migrated: bool = True) -> str:
+        """A fresh database's name: a copy of the migrated template, or empty."""
+        name = f"customers_test_{next(self.names)}"
+        template = self.TEMPLATE if migrated else "template0"
+        self.admin(f"CREATE DATABASE {name} TEMPLATE {template}")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def storage_postgres():
+    from customers_service import storage_postgres as module
+
+    return module
+
+
+def psycopg_connect(url: str):
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL cluster, started once."""
+    cluster = PostgresCluster().init()
+    cluster.start()
+    cluster.make_template()
+    yield cluster
+    cluster.remove()
+
+
+class Backend:
+    """One test's database on one backend: the app's settings for it, and plain SQL on it."""
+
+    def __init__(self, name: str, config: dict, sqlite_path: Path | None = None, url: str = ""):
+        self.name, self.config, self.sqlite_path, self.url = name, config, sqlite_path, url
+
+    def fetch(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of a query written in the SQL both backends share (``?`` for parameters)."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.sqlite_path) as db:
+                return db.execute(sql, params).fetchall()
+        with psycopg_connect(self.url) as conn:
+            return conn.execute(sql.replace("?", "%s"), params).fetchall()
+
+    @property
+    def env(self) -> dict:
+        """The same settings as environment variables, for a server process."""
+        return {key: str(value) for key, value in self.config.items()}
+
+
+@pytest.fixture
+def backend(request, tmp_path):
+    """A fresh database on the backend of this test's parameter (SQLite when not given)."""
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        path = tmp_path / "customers.sqlite3"
+        yield Backend("sqlite", {"CUSTOMERS_DATABASE": str(path)}, sqlite_path=path)
+        return
+    cluster = request.getfixturevalue("postgres")
+    database_name = cluster.new_database()
+    url = cluster.url(database_name)
+    yield Backend("postgres", {"CUSTOMERS_DATABASE_URL": url}, url=url)
+    database.close_connections()
+    cluster.drop_database(database_name)
+
+
 @pytest.fixture
 def db_path(tmp_path) -> Path:
     return tmp_path / "customers.sqlite3"
@@ -51,11 +238,11 @@ def started_app(test_config: dict | None = None):
 
 
 @pytest.fixture
-def app(tmp_path, db_path):
+def app(tmp_path, backend):
     return started_app(
         {
             "TESTING": True,
-            "CUSTOMERS_DATABASE": str(db_path),
+            **backend.config,
             "CUSTOMERS_API_KEYS": API_KEY,
             "CUSTOMERS_API_KEY_FILE": str(tmp_path / "api-keys"),
         }
@@ -117,9 +304,12 @@ class Gunicorn:
         env: dict | None = None,
         db_path: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        namespace: str | None = None,
     ):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host, self.namespace = host, namespace
+        self.url = f"http://{host}:{self.port}"
         self.db_path = db_path or tmp_path / "customers.sqlite3"
         self.extra_args = list(extra_args)
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
@@ -135,15 +325,17 @@ class Gunicorn:
 
     def start(self) -> "Gunicorn":
         log = open(self.log_path, "ab")
+        in_namespace = ["ip", "netns", "exec", self.namespace] if self.namespace else []
         self.proc = subprocess.Popen(
             [
+                *in_namespace,  # ip execs the server: the pid stays the server's
                 sys.executable,
                 "-m",
                 "gunicorn",
                 "-c",
                 "gunicorn.conf.py",
                 "-b",
-                f"127.0.0.1:{self.port}",
+                f"{self.host}:{self.port}",
                 "-w",
                 str(self.workers),
                 *self.extra_args,
@@ -180,7 +372,155 @@ class Gunicorn:
 
 
 @pytest.fixture
-def server(tmp_path):
-    gunicorn = Gunicorn(tmp_path).start()
+def server(tmp_path, backend):
+    gunicorn = Gunicorn(tmp_path, env=backend.env).start()
+    gunicorn.backend = backend
     yield gunicorn
     gunicorn.stop()
+
+
+# The README's nginx block, plus what a test needs to run it unprivileged in a temporary folder.
+NGINX_CONF = """
+worker_processes 1;
+user root;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream customers {{ {servers} }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 64k;
+        client_header_timeout 10s;
+        client_body_timeout 10s;
+        location / {{
+            proxy_pass http://customers;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Request-Id $http_x_request_id;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """nginx on a loopback port in front of gunicorns, as the README sets it up; stopped by its
+    own pid."""
+
+    def __init__(self, prefix: Path, upstreams: list[str]):
+        self.prefix, self.upstreams = prefix, upstreams
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Nginx":
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.prefix.mkdir(exist_ok=True)
+        conf = self.prefix / "nginx.conf"
+        servers = " ".join(f"server {address};" for address in self.upstreams)
+        conf.write_text(NGINX_CONF.format(prefix=self.prefix, servers=servers, port=self.port))
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(self.prefix), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not answers(self.url + "/health", self.proc, seconds=15):
+            self.stop()
+            pytest.fail(f"nginx did not start: {(self.prefix / 'error.log').read_text()}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+CUSTOMER_FIELDS = [
+    f for f in storage.FIELDS if f not in ("customer_id", "name", "email", "url", "logo_url")
+]
+
+
+def random_customer(client_number: int, sequence: int) -> dict:
+    """A distinct customer with random text in every free-text field."""
+    letters = string.ascii_letters + string.digits + " éü-/%"
+    customer = {
+        "customer_id": f"crash-{client_number}-{sequence}-{random.randrange(10**9)}",
+        "name": "".join(random.choices(letters, k=20)).strip() or "N",
+        "email": f"c{client_number}.{sequence}@example.com",
+        "url": f"https://example.com/{sequence}",
+    }
+    for field in CUSTOMER_FIELDS:
+        if field == "country":
+            customer[field] = random.choice(["US", "FR", "DE", None])
+        else:
+            customer[field] = random.choice([None, "".join(random.choices(letters, k=12))])
+    return customer
+
+
+class WriteLoad:
+    """Client threads posting distinct customers until stopped; remembers every 200."""
+
+    def __init__(self, url: str, clients: int = 8):
+        self.url, self.clients = url, clients
+        self.acked: list[dict] = []
+        self.statuses: list[int] = []
+        self.connection_errors = 0
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(n,)) for n in range(clients)]
+
+    def run(self, client_number: int) -> None:
+        sequence = 0
+        while not self.stop.is_set() and sequence < 5000:
+            sequence += 1
+            customer = random_customer(client_number, sequence)
+            try:
+                response = requests.post(
+                    self.url + "/api/v1/customers",
+                    json={"customer": customer},
+                    headers=AUTH,
+                    timeout=10,
+                )
+            except requests.RequestException as e:
+                self.connection_errors += 1
+                self.errors.append(repr(e))
+                time.sleep(0.01)
+                continue
+            self.statuses.append(response.status_code)
+            if response.status_code == 200:
+                self.acked.append(customer)
+
+    def __enter__(self) -> "WriteLoad":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def assert_all_acknowledged_present(backend: "Backend", acked: list[dict]) -> None:
+    """Every acknowledged customer is stored with exactly the values sent."""
+    columns = ", ".join(storage.FIELDS)
+    stored = {
+        row[0]: dict(zip(storage.FIELDS, row, strict=True))
+        for row in backend.fetch(f"SELECT {columns} FROM customers")
+    }
+    for customer in acked:
+        row = stored.get(customer["customer_id"])
+        assert row is not None, f"acknowledged but lost: {customer['customer_id']}"
+        assert {k: row[k] for k in customer} == customer

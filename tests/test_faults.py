@@ -1,87 +1,19 @@
 """Faults against a real gunicorn: crashes, dead and stuck workers, a full disk, a removed file."""
 
 import os
-import random
 import shutil
 import signal
 import sqlite3
-import string
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
 import requests
-from conftest import AUTH, Gunicorn
+from conftest import AUTH, Gunicorn, WriteLoad
 
 from customers_service import storage
-
-CUSTOMER_FIELDS = [
-    f for f in storage.FIELDS if f not in ("customer_id", "name", "email", "url", "logo_url")
-]
-
-
-def random_customer(client_number: int, sequence: int) -> dict:
-    """A distinct customer with random text in every free-text field."""
-    letters = string.ascii_letters + string.digits + " éü-/%"
-    customer = {
-        "customer_id": f"crash-{client_number}-{sequence}-{random.randrange(10**9)}",
-        "name": "".join(random.choices(letters, k=20)).strip() or "N",
-        "email": f"c{client_number}.{sequence}@example.com",
-        "url": f"https://example.com/{sequence}",
-    }
-    for field in CUSTOMER_FIELDS:
-        if field == "country":
-            customer[field] = random.choice(["US", "FR", "DE", None])
-        else:
-            customer[field] = random.choice([None, "".join(random.choices(letters, k=12))])
-    return customer
-
-
-class WriteLoad:
-    """Client threads posting distinct customers until stopped; remembers every 200."""
-
-    def __init__(self, url: str, clients: int = 8):
-        self.url, self.clients = url, clients
-        self.acked: list[dict] = []
-        self.statuses: list[int] = []
-        self.connection_errors = 0
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(n,)) for n in range(clients)]
-
-    def run(self, client_number: int) -> None:
-        sequence = 0
-        while not self.stop.is_set() and sequence < 5000:
-            sequence += 1
-            customer = random_customer(client_number, sequence)
-            try:
-                response = requests.post(
-                    self.url + "/api/v1/customers",
-                    json={"customer": customer},
-                    headers=AUTH,
-                    timeout=10,
-                )
-            except requests.RequestException as e:
-                self.connection_errors += 1
-                self.errors.append(repr(e))
-                time.sleep(0.01)
-                continue
-            self.statuses.append(response.status_code)
-            if response.status_code == 200:
-                self.acked.append(customer)
-
-    def __enter__(self) -> "WriteLoad":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
 
 
 def assert_all_present(db_path, acked: list[dict]) -> None:

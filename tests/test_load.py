@@ -1,73 +1,20 @@
 """Slow clients: behind nginx (the documented set-up), they do not hold up anyone else."""
 
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
-from conftest import AUTH, ROOT, SEED, answers, free_port
-
-# The README's nginx block, plus what a test needs to run it unprivileged in a temporary folder.
-NGINX_CONF = """
-worker_processes 1;
-user root;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream customers {{ server 127.0.0.1:{upstream}; }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 64k;
-        client_header_timeout 10s;
-        client_body_timeout 10s;
-        location / {{
-            proxy_pass http://customers;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Request-Id $http_x_request_id;
-        }}
-    }}
-}}
-"""
+from conftest import AUTH, ROOT, SEED, Nginx
 
 
 @pytest.fixture
 def nginx(server, tmp_path):
     """nginx on a loopback port in front of the test's gunicorn, stopped by its own pid."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, upstream=server.port, port=port))
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    if not answers(url + "/health", proc, seconds=15):
-        proc.kill()
-        proc.wait(timeout=5)
-        pytest.fail(f"nginx did not start: {(prefix / 'error.log').read_text()}")
-    yield url, port
-    proc.send_signal(signal.SIGQUIT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    proxy = Nginx(tmp_path / "nginx", [f"127.0.0.1:{server.port}"]).start()
+    yield proxy.url, proxy.port
+    proxy.stop()
 
 
 def slow_client(port: int, stop: threading.Event, connected: threading.Barrier) -> None:

@@ -85,7 +85,7 @@ def test_key_comparison(presented, keys, valid):
     assert key_is_valid(presented, keys) is valid
 
 
-def test_database_key_file_and_instance_folder_are_private(server, tmp_path):
+def test_database_key_file_and_instance_folder_are_private(server, tmp_path, db_path):
     session = requests.Session()
     session.headers.update(AUTH)
     assert session.post(server.url + "/api/v1/customers", json={"customer": SEED}).ok

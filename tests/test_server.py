@@ -1,7 +1,6 @@
 """Against a real gunicorn with 2 workers on a loopback port: concurrency and Lago's client."""
 
 import json
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -31,8 +30,7 @@ def test_16_clients_upserting_one_customer_leave_one_row(server):
     with ThreadPoolExecutor(16) as pool:
         statuses = [s for run in pool.map(client_run, range(16)) for s in run]
     assert statuses == [200] * 160
-    with sqlite3.connect(server.db_path) as db:
-        rows = db.execute("SELECT customer_id, name FROM customers").fetchall()
+    rows = server.backend.fetch("SELECT customer_id, name FROM customers")
     assert len(rows) == 1
     assert rows[0][0] == SEED["customer_id"]
     assert rows[0][1].startswith("client ")

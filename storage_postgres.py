@@ -1,0 +1,419 @@
+"""PostgreSQL storage of customers: the same functions as storage.py (SQLite), each statement
+written beside the SQLite one it stands for, so a reader can compare the two."""
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from customers_service.storage import (
+    COLUMNS,
+    FIELDS,
+    OPTIONAL_FIELDS,
+    UNAVAILABLE,
+    sent_fields,
+    upsert_params,
+    utc_now,
+)
+
+__all__ = ["sent_fields"]  # re-exported: the import pipeline reads it from either backend
+
+Error = psycopg.Error
+MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
+COUNT_SHARDS = 16
+
+# Timestamps leave the database as the API writes them, so both backends answer the same bytes.
+API_TIME = "to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS {0}"
+SELECTED = ", ".join(
+    "lago_id::text AS lago_id"
+    if c == "lago_id"
+    else API_TIME.format(c)
+    if c in ("created_at", "updated_at")
+    else c
+    for c in COLUMNS
+)
+
+CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+# SQLite counts migrations in PRAGMA user_version; here they are rows of schema_migrations.
+MIGRATIONS = (
+    (
+        """CREATE TABLE customers (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            lago_id uuid NOT NULL UNIQUE,
+            customer_id text NOT NULL UNIQUE,
+            name text NOT NULL,
+            country text, address_line1 text, address_line2 text, state text, zipcode text,
+            email text, city text, url text, phone text, logo_url text,
+            legal_name text, legal_number text,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX customers_newest_first ON customers (created_at DESC, id DESC)",
+        # SQLite keeps one counter row; here each connection adds to one of 16 rows (by its
+        # server process id), so inserts on many hosts do not queue on one row, and the total
+        # is still exact: the sum is read in the same snapshot as the page.
+        "CREATE TABLE customer_count (shard integer PRIMARY KEY, n bigint NOT NULL)",
+        f"INSERT INTO customer_count SELECT s, 0 FROM generate_series(0, {COUNT_SHARDS - 1}) s",
+        f"""CREATE FUNCTION customers_count() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE customer_count
+                SET n = n + CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END
+                WHERE shard = pg_backend_pid() % {COUNT_SHARDS};
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER customers_counted AFTER INSERT OR DELETE ON customers
+           FOR EACH ROW EXECUTE FUNCTION customers_count()""",
+        "CREATE TABLE health_probe (id integer PRIMARY KEY CHECK (id = 1), checked_at timestamptz)",
+        "INSERT INTO health_probe (id, checked_at) VALUES (1, NULL)",
+    ),
+)
+
+# SQLite: iif(:set_f, excluded.f, f). A key absent from the request keeps the stored value.
+KEEP_ABSENT = ", ".join(
+    f"{f} = CASE WHEN %(set_{f})s THEN excluded.{f} ELSE c.{f} END" for f in OPTIONAL_FIELDS
+)
+UPSERT_MANY = f"""
+INSERT INTO customers AS c (lago_id, {", ".join(FIELDS)}, created_at, updated_at)
+VALUES (%(lago_id)s, {", ".join(f"%({f})s" for f in FIELDS)}, %(created_at)s, %(updated_at)s)
+ON CONFLICT (customer_id) DO UPDATE SET
+    name = excluded.name,
+    {KEEP_ABSENT},
+    updated_at = %(now)s
+"""
+
+UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
+
+# xmax is 0 only in a row version this statement inserted: how an import counts its creations.
+UPSERT_COUNTED = UPSERT_MANY + "RETURNING (xmax = 0) AS inserted"
+
+SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = %s"
+
+DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = %s RETURNING {SELECTED}"
+
+# SQLite reads the count and the page in one read transaction; here one statement, one snapshot.
+SELECT_PAGE = f"""
+SELECT total.n AS total_count, page.*
+FROM (SELECT sum(n)::bigint AS n FROM customer_count) total
+LEFT JOIN LATERAL (
+    SELECT {SELECTED} FROM customers
+    ORDER BY created_at DESC, id DESC
+    LIMIT %(limit)s OFFSET %(offset)s
+) page ON true
+"""
+
+SELECT_COUNT = "SELECT sum(n)::bigint FROM customer_count"
+
+EXPORT_ROWS = f"SELECT {SELECTED} FROM customers ORDER BY id"
+
+PROBE_WRITE = "UPDATE health_probe SET checked_at = now() WHERE id = 1"
+
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
+
+LARGEST_OFFSET = 2**63 - 1
+
+# The contract's 503 codes for PostgreSQL's SQLSTATEs (first the exact code, then its class).
+FAULTS = {
+    "57014": ("database_busy", "the database is busy; retry"),  # statement_timeout
+    "55P03": ("database_busy", "the database is busy; retry"),  # lock_timeout
+    "40001": ("database_busy", "the database is busy; retry"),  # serialization failure
+    "40P01": ("database_busy", "the database is busy; retry"),  # deadlock
+    "53300": ("database_busy", "the database is busy; retry"),  # too many connections
+    "53100": ("database_full", "the disk under the database is full"),
+    "25006": ("database_read_only", "the database cannot be written"),  # a standby
+    "42P01": UNAVAILABLE,  # undefined table: not migrated
+}
+
+
+class DatabaseMissing(psycopg.OperationalError):
+    """The database is unreachable, or was never initialised."""
+
+
+def fault(error: BaseException) -> tuple[str, str] | None:
+    """The contract's 503 code and message for a database fault, or None for anything else
+    (a refused constraint or a bad statement is a bug, not a fault)."""
+    if isinstance(error, PoolTimeout):
+        return "database_busy", "the database is busy; retry"
+    if not isinstance(error, psycopg.Error):
+        return None
+    state = getattr(error, "sqlstate", None) or ""
+    if state in FAULTS:
+        return FAULTS[state]
+    if isinstance(error, psycopg.IntegrityError | psycopg.DataError | psycopg.ProgrammingError):
+        return None
+    if isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return "database_busy", "the database is busy; retry"
+    return UNAVAILABLE
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def session_options(statement_timeout: float) -> str:
+    """The settings of every session of the service: commits are durable before they return,
+    and no statement or lock wait outlasts the timeout."""
+    ms = max(1, int(statement_timeout * 1000))
+    return (
+        f"-c synchronous_commit=on -c statement_timeout={ms} -c lock_timeout={ms} -c TimeZone=UTC"
+    )
+
+
+def connect(url: str, statement_timeout: float = 5.0) -> psycopg.Connection:
+    """One connection with the service's session settings, outside any pool."""
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=True,
+            row_factory=dict_row,
+            options=session_options(statement_timeout),
+            connect_timeout=5,
+        )
+    except psycopg.OperationalError as e:
+        # libpq's message names the host and port, never the password; say which database.
+        raise DatabaseMissing(f"cannot connect to {safe_url(url)}: {first_line(e)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Apply every migration step not yet applied, each in its own transaction under an advisory
+    lock, so hosts starting together apply each step once; return the schema version."""
+    for number, step in enumerate(MIGRATIONS, start=1):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(CREATE_MIGRATIONS_TABLE)
+            if conn.execute(SCHEMA_VERSION).fetchone()["coalesce"] >= number:
+                continue
+            for statement in step:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
+    return len(MIGRATIONS)
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """How many migration steps the database has had (0 for an empty database)."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AS e").fetchone()
+    if not exists["e"]:
+        return 0
+    return conn.execute(SCHEMA_VERSION).fetchone()["coalesce"]
+
+
+def connect_ready(url: str, statement_timeout: float = 5.0) -> psycopg.Connection:
+    """A connection to a database that has every migration, or DatabaseMissing."""
+    conn = connect(url, statement_timeout)
+    if schema_version(conn) < len(MIGRATIONS):
+        conn.close()
+        raise DatabaseMissing("the database is not initialised: run flask customers init-db")
+    return conn
+
+
+def upsert_customer(conn: psycopg.Connection, fields: Mapping[str, str | None]) -> dict:
+    """Create the customer, or update the keys present in ``fields``; return the row."""
+    with conn.transaction():
+        return conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+
+
+def get_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
+    """The customer with that id, or None (an id with NUL, which no customer has, included)."""
+    if "\0" in customer_id:
+        return None
+    return conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
+
+
+def delete_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
+    """Delete the customer and return it as it was, or None if there was none."""
+    if "\0" in customer_id:
+        return None
+    with conn.transaction():
+        return conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
+
+
+def list_customers(conn: psycopg.Connection, page: int, per_page: int) -> tuple[list[dict], int]:
+    """One page of customers, newest first, and the total count."""
+    offset = (page - 1) * per_page
+    if offset > LARGEST_OFFSET:  # past any end, and past what OFFSET takes
+        return [], count_customers(conn)
+    rows = conn.execute(SELECT_PAGE, {"limit": per_page, "offset": offset}).fetchall()
+    total = rows[0]["total_count"] or 0
+    customers = [row for row in rows if row["lago_id"] is not None]  # a page past the end: none
+    for row in customers:
+        del row["total_count"]
+    return customers, total
+
+
+def count_customers(conn: psycopg.Connection) -> int:
+    """How many customers there are (the sum of the counter's shards)."""
+    return conn.execute(SELECT_COUNT).fetchone()["sum"] or 0
+
+
+def export_lines(conn: psycopg.Connection) -> Iterator[str]:
+    """Every customer as one line of JSON, ``{"customer": {...}}``, oldest first, streamed from
+    one snapshot (a server-side cursor, so memory stays flat)."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        with conn.cursor(name="customers_export") as cursor:
+            cursor.itersize = 2000
+            cursor.execute(EXPORT_ROWS)
+            for row in cursor:
+                # The same bytes as SQLite's json_object: compact, non-ASCII as it is.
+                yield json.dumps({"customer": row}, ensure_ascii=False, separators=(",", ":"))
+
+
+def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, list[int]]:
+    """Upsert prepared rows (see upsert_params) in one transaction; return how many customers
+    they created, and the positions of the rows refused because their restored lago_id is
+    another customer's (the others are committed)."""
+    try:
+        with conn.transaction():
+            with conn.cursor() as cursor:
+                cursor.executemany(UPSERT_COUNTED, rows, returning=True)
+                return _inserted(cursor), []
+    except psycopg.errors.UniqueViolation:
+        pass
+    inserted, refused = 0, []
+    with conn.transaction(), conn.cursor() as cursor:
+        for position, params in enumerate(rows):
+            try:
+                with conn.transaction():  # a savepoint: PostgreSQL undoes this row only
+                    cursor.execute(UPSERT_COUNTED, params)
+                    inserted += cursor.fetchone()["inserted"]
+            except psycopg.errors.UniqueViolation:
+                refused.append(position)
+    return inserted, refused
+
+
+def _inserted(cursor: psycopg.Cursor) -> int:
+    """How many rows the results of an executemany(..., returning=True) say were inserted."""
+    inserted = 0
+    while True:
+        inserted += sum(row["inserted"] for row in cursor.fetchall())
+        if not cursor.nextset():
+            return inserted
+
+
+def check(conn: psycopg.Connection, min_free_bytes: int = 0) -> None:
+    """Raise psycopg.Error unless the database takes a (tiny, durable) write. The server's own
+    disk is its operator's to watch: min_free_bytes applies to SQLite's file only."""
+    with conn.transaction():
+        conn.execute(PROBE_WRITE)
+
+
+class Connections:
+    """The connections of one process to one database: a psycopg_pool pool, made in each
+    process on its first use (after any fork), its size and waits from the settings."""
+
+    def __init__(self, url: str, pool_size: int, pool_timeout: float, statement_timeout: float):
+        self.url, self.pool_size = url, pool_size
+        self.pool_timeout, self.statement_timeout = pool_timeout, statement_timeout
+        self._pools: dict[int, ConnectionPool] = {}
+        self._lock = threading.Lock()
+        self._ready: set[int] = set()  # processes that saw the schema up to date
+        self._in_use: dict[int, int] = {}  # connections each process has taken
+        self._origin: dict[int, ConnectionPool] = {}  # each taken connection's pool
+
+    def prepare(self) -> None:
+        """Apply pending migrations (the database itself is the operator's to create)."""
+        conn = connect(self.url, self.statement_timeout)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+
+    def open(self) -> psycopg.Connection:
+        """A connection of its own, for a command; the caller closes it."""
+        return connect_ready(self.url, self.statement_timeout)
+
+    def acquire(self) -> psycopg.Connection:
+        """A connection from this process's pool."""
+        pool = self._pool()
+        try:
+            conn = pool.getconn()
+        except PoolTimeout:
+            connect(self.url, self.statement_timeout).close()  # unavailable if unreachable
+            if self._in_use.get(os.getpid(), 0) >= self.pool_size:
+                raise  # the server answers and every connection is taken: busy
+            # The server is back, but the pool is still waiting out its reconnection backoff
+            # from the outage: start afresh rather than answer 503 for seconds more.
+            pool = self._replace_pool(pool)
+            conn = pool.getconn()
+        self._in_use[os.getpid()] = self._in_use.get(os.getpid(), 0) + 1
+        self._origin[id(conn)] = pool
+        if os.getpid() not in self._ready:
+            try:
+                if schema_version(conn) < len(MIGRATIONS):
+                    raise DatabaseMissing("the database is not initialised: run init-db")
+            except BaseException:
+                self.release(conn)
+                raise
+            self._ready.add(os.getpid())
+        return conn
+
+    def release(self, conn: psycopg.Connection) -> None:
+        """Give the connection back (the pool rolls back anything left open)."""
+        self._in_use[os.getpid()] -= 1
+        self._origin.pop(id(conn)).putconn(conn)  # a replaced pool takes back its own
+
+    def discard(self, conn: psycopg.Connection) -> None:
+        """Give back a connection that may be broken: the pool checks it before reuse."""
+        self.release(conn)
+
+    def close(self) -> None:
+        """Close this process's pool."""
+        pool = self._pools.pop(os.getpid(), None)
+        if pool is not None:
+            pool.close()
+
+    def _pool(self) -> ConnectionPool:
+        pid = os.getpid()
+        pool = self._pools.get(pid)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(pid)
+                if pool is None:
+                    pool = self._pools[pid] = self._new_pool()
+        return pool
+
+    def _new_pool(self) -> ConnectionPool:
+        pool = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            timeout=self.pool_timeout,
+            open=False,
+            check=ConnectionPool.check_connection,  # a server restart leaves dead connections
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "options": session_options(self.statement_timeout),
+                "connect_timeout": 5,
+            },
+            name="customers",
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _replace_pool(self, old: ConnectionPool) -> ConnectionPool:
+        with self._lock:
+            if self._pools.get(os.getpid()) is old:
+                self._pools[os.getpid()] = self._new_pool()
+        old.close(timeout=0)
+        return self._pool()
