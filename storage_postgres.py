@@ -17,27 +17,23 @@ from customers_service.storage import (
     FIELDS,
     OPTIONAL_FIELDS,
     UNAVAILABLE,
-    sent_fields,
     upsert_params,
     utc_now,
 )
-
-__all__ = ["sent_fields"]  # re-exported: the import pipeline reads it from either backend
 
 Error = psycopg.Error
 MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
 COUNT_SHARDS = 16
 
-# Timestamps leave the database as the API writes them, so both backends answer the same bytes.
-API_TIME = "to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS {0}"
-SELECTED = ", ".join(
-    "lago_id::text AS lago_id"
-    if c == "lago_id"
-    else API_TIME.format(c)
-    if c in ("created_at", "updated_at")
-    else c
-    for c in COLUMNS
-)
+# uuid and timestamptz leave the database as the API writes them (SQLite stores that text), so
+# both backends answer the same bytes.
+API_TIME = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+AS_TEXT = {
+    "lago_id": "lago_id::text",
+    "created_at": API_TIME.format("created_at"),
+    "updated_at": API_TIME.format("updated_at"),
+}
+SELECTED = ", ".join(f"{AS_TEXT[c]} AS {c}" if c in AS_TEXT else c for c in COLUMNS)
 
 CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY,
@@ -150,9 +146,7 @@ def fault(error: BaseException) -> tuple[str, str] | None:
         return FAULTS[state]
     if isinstance(error, psycopg.IntegrityError | psycopg.DataError | psycopg.ProgrammingError):
         return None
-    if isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return "database_busy", "the database is busy; retry"
-    return UNAVAILABLE
+    return UNAVAILABLE  # the connection lost, the server shutting down or starting, ...
 
 
 def safe_url(url: str) -> str:

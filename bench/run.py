@@ -2,6 +2,7 @@
 
     make bench                      # every scenario, 10 s each (about 10 minutes)
     .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
+    .venv/bin/python bench/run.py --backends postgres --scenarios mix get list
 
 Starts each server under gunicorn.conf.py on a fresh copy of a prefilled database, drives it with
 wrk (bench/wrk.lua varies the customer_id), and prints one line per scenario: requests per second,
@@ -26,8 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from list_page import prefill  # noqa: E402
+from postgres_cluster import PostgresCluster  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -104,9 +107,11 @@ def run_wrk(wrk: str, port: int, scenario: str, connections: int, seconds: int, 
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": requests,
         "p50": millis("50"),
         "p99": millis("99"),
         "errors": errors + (int(non_2xx.group(1)) if non_2xx else 0),
@@ -126,6 +131,69 @@ def template_database(tmp: str, rows: int) -> str:
         db.commit()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return path
+
+
+def postgres_database(cluster: PostgresCluster, rows: int) -> str:
+    """A migrated PostgreSQL database like template_database's; returns its URL."""
+    from customers_service import storage_postgres
+
+    name = f"bench_{rows}"
+    cluster.admin(f"DROP DATABASE IF EXISTS {name}")
+    cluster.admin(f"CREATE DATABASE {name}")
+    url = cluster.url(name)
+    conn = storage_postgres.connect(url)
+    storage_postgres.migrate(conn)
+    conn.execute("ALTER TABLE customers DISABLE TRIGGER customers_counted")  # counted below
+    conn.execute(
+        "INSERT INTO customers (lago_id, customer_id, name, country, created_at, updated_at) "
+        "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, "
+        "'cust-' || lpad(i::text, 8, '0'), 'Customer ' || i, 'FR', "
+        "to_timestamp(1600000000 + i), to_timestamp(1600000000 + i) "
+        "FROM generate_series(0, %s - 1) i",
+        (rows,),
+    )
+    conn.execute(
+        "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
+        "SELECT ('00000000-0000-7000-8000-' || lpad(i::text, 12, '0'))::uuid, 'upd-' || i, 'N', "
+        "'2022-01-01T00:00:00Z', '2022-01-01T00:00:00Z' FROM generate_series(1, 1000) i"
+    )
+    conn.execute("UPDATE customer_count SET n = (SELECT count(*) FROM customers) WHERE shard = 0")
+    conn.execute("ALTER TABLE customers ENABLE TRIGGER customers_counted")
+    conn.execute("VACUUM ANALYZE customers")
+    conn.close()
+    return url
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += parents.get(pid, [])
+    return tree
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """User and system CPU time of the processes under ``roots``, so far."""
+    ticks = 0
+    for pid in (p for root in roots for p in process_tree(root)):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def profile_upsert(tmp: str) -> None:
@@ -165,7 +233,8 @@ def chart(lines: list[dict]) -> None:
     labels = [f"{r['scenario']} c{r['connections']} {r['rows']:,} {r['sync']}" for r in lines]
     ratios = [r["ratio"] for r in lines]
     fig, ax = plt.subplots(figsize=(10, max(4, len(lines) * 0.28)))
-    ax.barh(labels, ratios, color=["#4c78a8" if r["sync"] == "FULL" else "#f58518" for r in lines])
+    colors = {"FULL": "#4c78a8", "NORMAL": "#f58518", "PG": "#54a24b"}
+    ax.barh(labels, ratios, color=[colors[r["sync"]] for r in lines])
     targets = ((0.5, "list"), (0.6, "upserts FULL"), (0.7, "upserts NORMAL"), (0.8, "GET one"))
     for target, label in targets:
         ax.axvline(target, linestyle="--", linewidth=0.8, color="grey")
@@ -185,6 +254,7 @@ def main() -> None:
     parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
     args = parser.parse_args()
     wrk = ensure_wrk()
     os.makedirs(RESULTS, exist_ok=True)
@@ -196,65 +266,86 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         echo = Server("bench.echo_app:app", {})
-        baseline = {
-            c: run_wrk(wrk, echo.port, "echo", c, args.duration, 0) for c in args.connections
-        }
+        baseline = {}
+        for c in args.connections:
+            before = cpu_seconds([echo.proc.pid])
+            baseline[c] = run_wrk(wrk, echo.port, "echo", c, args.duration, 0)
+            spent = cpu_seconds([echo.proc.pid]) - before
+            baseline[c]["cpu_us"] = spent / max(baseline[c]["requests"], 1) * 1e6
         echo.stop()
         for c, result in baseline.items():
             print(
                 f"baseline echo c{c}: {result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
-                f"p99 {result['p99']:6.2f} ms  errors {result['errors']}",
+                f"p99 {result['p99']:6.2f} ms  errors {result['errors']}  "
+                f"cpu/req {result['cpu_us']:5.0f} us",
                 flush=True,
             )
-        templates = {rows: template_database(tmp, rows) for rows in args.rows}
-        for sync in args.sync:
+        targets = []  # (label, rows, env, extra processes to count the CPU of)
+        if "sqlite" in args.backends:
+            templates = {rows: template_database(tmp, rows) for rows in args.rows}
+            for sync in args.sync:
+                for rows in args.rows:
+                    database = os.path.join(tmp, f"run-{sync}-{rows}.sqlite3")
+                    shutil.copy(templates[rows], database)
+                    env = {"CUSTOMERS_DATABASE": database, "CUSTOMERS_SQLITE_SYNCHRONOUS": sync}
+                    targets.append((sync, rows, env, []))
+        cluster = None
+        if "postgres" in args.backends:
+            cluster = PostgresCluster()
+            cluster.init()
+            cluster.start()
+            postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
             for rows in args.rows:
-                database = os.path.join(tmp, f"run-{sync}-{rows}.sqlite3")
-                shutil.copy(templates[rows], database)
-                env = {
-                    "CUSTOMERS_DATABASE": database,
-                    "CUSTOMERS_API_KEYS": KEY,
-                    "CUSTOMERS_SQLITE_SYNCHRONOUS": sync,
-                }
-                server = Server("wsgi:app", env)
+                url = postgres_database(cluster, rows)
+                targets.append(("PG", rows, {"CUSTOMERS_DATABASE_URL": url}, [postmaster]))
+        try:
+            for label, rows, env, extra in targets:
+                server = Server("wsgi:app", {**env, "CUSTOMERS_API_KEYS": KEY})
                 for connections in args.connections:
                     for scenario in args.scenarios:
+                        before = cpu_seconds([server.proc.pid, *extra])
                         result = run_wrk(
                             wrk, server.port, scenario, connections, args.duration, rows
                         )
+                        cpu = cpu_seconds([server.proc.pid, *extra]) - before
                         ratio = result["rps"] / baseline[connections]["rps"]
                         line = {
                             "scenario": scenario,
                             "connections": connections,
                             "rows": rows,
-                            "sync": sync,
+                            "sync": label,
                             "ratio": ratio,
+                            "cpu_us": cpu / max(result["requests"], 1) * 1e6,
                             **result,
                         }
                         lines.append(line)
                         print(
-                            f"{scenario:6} c{connections:<3} {rows:>9,} rows {sync:6} "
+                            f"{scenario:6} c{connections:<3} {rows:>9,} rows {label:6} "
                             f"{result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
                             f"p99 {result['p99']:6.2f} ms  errors {result['errors']:<4} "
-                            f"ratio {ratio:.2f}",
+                            f"ratio {ratio:.2f}  cpu/req {line['cpu_us']:5.0f} us",
                             flush=True,
                         )
                 rss = " ".join(f"{mb:.0f}" for mb in server.worker_rss_mb())
-                print(f"worker RSS after {sync} {rows:,}: {rss} MB", flush=True)
+                print(f"worker RSS after {label} {rows:,}: {rss} MB", flush=True)
                 server.stop()
+        finally:
+            if cluster is not None:
+                cluster.remove()
         profile_upsert(tmp)
     with open(os.path.join(RESULTS, "results.txt"), "w") as f:
         f.write(header + "\n")
         for c, result in baseline.items():
             f.write(
                 f"baseline echo c{c}: {result['rps']:.0f} rps p50 {result['p50']:.2f} ms "
-                f"p99 {result['p99']:.2f} ms errors {result['errors']}\n"
+                f"p99 {result['p99']:.2f} ms errors {result['errors']} "
+                f"cpu/req {result['cpu_us']:.0f} us\n"
             )
         for r in lines:
             f.write(
                 f"{r['scenario']} c{r['connections']} {r['rows']} {r['sync']} {r['rps']:.0f} rps "
                 f"p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms errors {r['errors']} "
-                f"ratio {r['ratio']:.2f}\n"
+                f"ratio {r['ratio']:.2f} cpu/req {r['cpu_us']:.0f} us\n"
             )
     chart(lines)
 

@@ -1,24 +1,21 @@
 """Fixtures: an app on a fresh database of either backend (SQLite, or a PostgreSQL cluster the
 tests start themselves), its client, an in-memory connection, a real gunicorn."""
 
-import glob
-import itertools
 import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import string
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
+from postgres_cluster import PostgresCluster, free_port, psycopg_connect
 
 from customers_service import database, storage
 from customers_service.app import create_app
@@ -56,127 +53,6 @@ def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         only_sqlite = "db_path" in metafunc.fixturenames
         metafunc.parametrize("backend", ["sqlite"] if only_sqlite else BACKENDS, indirect=True)
-
-
-def postgres_bin() -> Path:
-    """The folder of PostgreSQL's server programs (Debian keeps them off the PATH)."""
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(os.path.realpath(found)).parent
-    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(f.split("/")[4]))
-    if not folders:
-        pytest.fail("PostgreSQL's server is not installed: `make test` installs it")
-    return Path(folders[-1])
-
-
-class PostgresCluster:
-    """A throwaway PostgreSQL cluster: initdb into a temporary folder, its own port and socket,
-    run as the ``postgres`` user (PostgreSQL refuses root), stopped and removed at the end."""
-
-    TEMPLATE = "customers_template"
-
-    def __init__(self, listen: str = "127.0.0.1", allow: tuple[str, ...] = ()):
-        self.bin = postgres_bin()
-        self.root = Path(tempfile.mkdtemp(prefix="customers-pg-"))
-        shutil.chown(self.root, "postgres", "postgres")
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.listen, self.allow = listen, allow
-        self.names = itertools.count(1)
-
-    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-        """A PostgreSQL program, as the postgres user."""
-        return subprocess.run(
-            [str(self.bin / command[0]), *command[1:]],
-            user="postgres",
-            cwd=self.root,
-            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=120,
-        )
-
-    def init(self) -> "PostgresCluster":
-        self.run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
-        with open(self.data / "pg_hba.conf", "a") as hba:
-            for network in self.allow:  # the test hosts' namespaces
-                hba.write(f"host all all {network} trust\n")
-        return self
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses='{self.listen}' "
-            "-c max_connections=300 -c shared_buffers=64MB"
-        )
-        log = str(self.root / "log")
-        result = self.run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            log,
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.fail(f"PostgreSQL did not start: {result.stderr}\n{self.log()}")
-
-    def stop(self, mode: str = "fast") -> None:
-        self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
-
-    def log(self) -> str:
-        try:
-            return (self.root / "log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def url(self, name: str = "postgres", host: str = "127.0.0.1") -> str:
-        return f"postgresql://postgres@{host}:{self.port}/{name}"
-
-    def admin(self, sql: str) -> None:
-        with psycopg_connect(self.url()) as conn:
-            conn.execute(sql)
-
-    def make_template(self) -> None:
-        """A migrated database that each test's database is copied from."""
-        self.admin(f"CREATE DATABASE {self.TEMPLATE}")
-        conn = storage_postgres().connect(self.url(self.TEMPLATE))
-        try:
-            storage_postgres().migrate(conn)
-        finally:
-            conn.close()
-
-    def new_database(self, migrated: bool = True) -> str:
-        """A fresh database's name: a copy of the migrated template, or empty."""
-        name = f"customers_test_{next(self.names)}"
-        template = self.TEMPLATE if migrated else "template0"
-        self.admin(f"CREATE DATABASE {name} TEMPLATE {template}")
-        return name
-
-    def drop_database(self, name: str) -> None:
-        self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-    def remove(self) -> None:
-        self.stop("immediate")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def storage_postgres():
-    from customers_service import storage_postgres as module
-
-    return module
-
-
-def psycopg_connect(url: str):
-    import psycopg
-
-    return psycopg.connect(url, autocommit=True)
 
 
 @pytest.fixture(scope="session")
@@ -286,12 +162,6 @@ def answers(url: str, proc: subprocess.Popen, seconds: float = 30) -> bool:
         except requests.ConnectionError:
             time.sleep(0.05)
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:
