@@ -195,14 +195,6 @@ class ImportReport:
         )
 
 
-# Seconds the import pauses after each batch, per second the batch's transaction took. SQLite
-# has one write lock, and its busy handler lets a writer that retries at once (the import) win
-# over the service's writers, which sleep between tries: pausing as long as it wrote gives them
-# the lock, while the worker processes go on checking the next batches, so the import keeps most
-# of its speed (bench/import_live.py measures both).
-LIVE_SHARE = 1.0
-
-
 def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
     """Report the refused rows of a batch and upsert the others in one transaction."""
     valid = []
@@ -213,7 +205,7 @@ def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
             valid.append((number, dict(zip(storage.UPSERT_PARAMS, values, strict=True))))
     started = time.monotonic()
     inserted, refused = store.import_batch([params for _, params in valid])
-    time.sleep((time.monotonic() - started) * LIVE_SHARE)
+    time.sleep((time.monotonic() - started) * store.backend.IMPORT_PAUSE)
     for position in refused:  # a restored lago_id that another customer has
         number, params = valid[position]
         report.reject(number, storage.sent_fields(params), {"lago_id": ["lago_id_taken"]})

@@ -35,13 +35,15 @@ class PostgresCluster:
 
     TEMPLATE = "customers_template"
 
-    def __init__(self, listen: str = "127.0.0.1", allow: tuple[str, ...] = ()):
+    def __init__(
+        self, listen: str = "127.0.0.1", allow: tuple[str, ...] = (), shared_buffers: str = "64MB"
+    ):
         self.bin = postgres_bin()
         self.root = Path(tempfile.mkdtemp(prefix="customers-pg-"))
         shutil.chown(self.root, "postgres", "postgres")
         self.data = self.root / "data"
         self.port = free_port()
-        self.listen, self.allow = listen, allow
+        self.listen, self.allow, self.shared_buffers = listen, allow, shared_buffers
         self.names = itertools.count(1)
 
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -67,7 +69,7 @@ class PostgresCluster:
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses='{self.listen}' "
-            "-c max_connections=300 -c shared_buffers=64MB"
+            f"-c max_connections=300 -c shared_buffers={self.shared_buffers}"
         )
         log = str(self.root / "log")
         result = self.run(
