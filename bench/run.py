@@ -160,6 +160,7 @@ def postgres_database(cluster: PostgresCluster, rows: int) -> str:
     conn.execute("UPDATE customer_count SET n = (SELECT count(*) FROM customers) WHERE shard = 0")
     conn.execute("ALTER TABLE customers ENABLE TRIGGER customers_counted")
     conn.execute("VACUUM ANALYZE customers")
+    conn.execute("CHECKPOINT")  # the fill's dirty pages written now, not during a scenario
     conn.close()
     return url
 

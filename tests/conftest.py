@@ -79,6 +79,15 @@ class Backend:
         with psycopg_connect(self.url) as conn:
             return conn.execute(sql.replace("?", "%s"), params).fetchall()
 
+    def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        """A statement in the SQL both backends share, once per row, in one transaction."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.sqlite_path) as db:
+                db.executemany(sql, rows)
+            return
+        with psycopg_connect(self.url) as conn, conn.transaction():
+            conn.cursor().executemany(sql.replace("?", "%s"), rows)
+
     @property
     def env(self) -> dict:
         """The same settings as environment variables, for a server process."""

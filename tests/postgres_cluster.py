@@ -19,14 +19,15 @@ def free_port() -> int:
 
 
 def postgres_bin() -> Path:
-    """The folder of PostgreSQL's server programs (Debian keeps them off the PATH)."""
-    found = shutil.which("pg_ctl")
-    if found:
+    """The folder of PostgreSQL's server programs: Debian's newest (it keeps them off the PATH),
+    or wherever ``initdb`` is found."""
+    debian = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    if debian:
+        return Path(max(debian, key=lambda path: int(path.split("/")[4]))).parent
+    found = shutil.which("initdb")
+    if found and os.path.exists(os.path.join(os.path.dirname(os.path.realpath(found)), "pg_ctl")):
         return Path(os.path.realpath(found)).parent
-    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(f.split("/")[4]))
-    if not folders:
-        raise RuntimeError("PostgreSQL's server is not installed: `make test` installs it")
-    return Path(folders[-1])
+    raise RuntimeError("PostgreSQL's server is not installed: `make test` installs it")
 
 
 class PostgresCluster:

@@ -118,24 +118,21 @@ def test_odd_customer_ids_round_trip_through_gunicorn(server):
     connection.close()
 
 
-def make_customers(db_path, count: int) -> None:
-    """Insert customers straight into the file, one second apart, oldest first."""
+def make_customers(backend, count: int) -> None:
+    """Insert customers straight into the database, one second apart, oldest first."""
     rows = []
     for i in range(count):
         stamp = f"2022-01-01T00:{i // 60:02d}:{i % 60:02d}Z"
-        rows.append((f"lago-{i}", f"c{i:03d}", stamp, stamp))
-    with sqlite3.connect(db_path) as db:
-        db.executemany(
-            "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
-            "VALUES (?, ?, 'N', ?, ?)",
-            rows,
-        )
+        rows.append((f"00000000-0000-7000-8000-{i:012d}", f"c{i:03d}", stamp, stamp))
+    backend.execute_many(
+        "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
+        "VALUES (?, ?, 'N', ?, ?)",
+        rows,
+    )
 
 
-def test_list_pages_newest_first_with_meta(client, db_path):
-    post_customer(client, {"customer_id": "first", "name": "N"})  # creates the schema
-    client.delete(customer_url("first"), headers=AUTH)
-    make_customers(db_path, 45)
+def test_list_pages_newest_first_with_meta(client, backend):
+    make_customers(backend, 45)
     response = client.get("/api/v1/customers?page=2&per_page=20", headers=AUTH)
     assert response.status_code == 200
     body = response.get_json()
@@ -152,7 +149,7 @@ def test_list_pages_newest_first_with_meta(client, db_path):
     assert last["meta"]["next_page"] is None
 
 
-def test_list_defaults_to_page_1_of_20(client, db_path):
+def test_list_defaults_to_page_1_of_20(client):
     post_customer(client, SEED)
     body = client.get("/api/v1/customers", headers=AUTH).get_json()
     assert body["meta"] == {

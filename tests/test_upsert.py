@@ -41,10 +41,12 @@ def test_fields_never_set_are_null(client):
     assert all(customer[k] is None for k in SEED if k not in ("customer_id", "name"))
 
 
-def test_update_returns_200_and_keeps_lago_id_and_created_at(client, db_path):
+def test_update_returns_200_and_keeps_lago_id_and_created_at(client, backend):
     first = post_customer(client, SEED).get_json()["customer"]
-    with sqlite3.connect(db_path) as db:  # move created_at back, so a change would show
-        db.execute("UPDATE customers SET created_at = '2020-01-01T00:00:00Z', updated_at = ''")
+    backend.execute_many(  # move created_at back, so a change would show
+        "UPDATE customers SET created_at = ?, updated_at = ?",
+        [("2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z")],
+    )
     response = post_customer(client, {**SEED, "name": "Other"})
     assert response.status_code == 200
     second = response.get_json()["customer"]
@@ -70,11 +72,10 @@ def test_upsert_null_clears_a_field(client):
     assert customer["city"] == SEED["city"]
 
 
-def test_upsert_leaves_one_row(client, db_path):
+def test_upsert_leaves_one_row(client, backend):
     for name in ("a", "b", "c"):
         post_customer(client, {**SEED, "name": name})
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT count(*), max(name) FROM customers").fetchone() == (1, "c")
+    assert backend.fetch("SELECT count(*), max(name) FROM customers") == [(1, "c")]
 
 
 def test_customer_id_is_kept_exactly_as_sent(client):
