@@ -252,9 +252,9 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 def checkout_instance_path() -> str | None:
     """``instance/`` in the repository when run from a checkout (or an editable install);
-    None, Flask's own choice (``<prefix>/var/...``), when installed in site-packages."""
+    None, Flask's own choice (``<prefix>/var/...``), when installed (site- or dist-packages)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if "site-packages" in here.split(os.sep):
+    if {"site-packages", "dist-packages"} & set(here.split(os.sep)):
         return None
     return os.path.join(here, "instance")
 

@@ -195,6 +195,24 @@ class ImportReport:
         )
 
 
+BATCH_TRIES = 3
+
+
+def import_with_retries(store: Store, rows: list[dict]) -> tuple[int, list[int]]:
+    """Store.import_batch, tried again when the database was only busy (a lock held by the live
+    service past the timeout, a deadlock with it): the batch was rolled back whole."""
+    attempt = 1
+    while True:
+        try:
+            return store.import_batch(rows)
+        except Exception as e:
+            fault = store.backend.fault(e)
+            if attempt == BATCH_TRIES or fault is None or fault[0] != "database_busy":
+                raise
+        time.sleep(0.1 * attempt)
+        attempt += 1
+
+
 def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
     """Report the refused rows of a batch and upsert the others in one transaction."""
     valid = []
@@ -204,7 +222,7 @@ def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
         else:
             valid.append((number, dict(zip(storage.UPSERT_PARAMS, values, strict=True))))
     started = time.monotonic()
-    inserted, refused = store.import_batch([params for _, params in valid])
+    inserted, refused = import_with_retries(store, [params for _, params in valid])
     time.sleep((time.monotonic() - started) * store.backend.IMPORT_PAUSE)
     for position in refused:  # a restored lago_id that another customer has
         number, params = valid[position]

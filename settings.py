@@ -72,6 +72,14 @@ def check_settings(config) -> None:
             float(config.get(name, 0))
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, not {config[name]!r}") from None
+    for name in ("CUSTOMERS_POSTGRES_POOL_TIMEOUT", "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT"):
+        if float(config.get(name, 1)) <= 0:
+            raise ValueError(f"{name} must be more than 0 seconds")
+    pool_size = str(config.get("CUSTOMERS_POSTGRES_POOL_SIZE", 2))
+    if not pool_size.isdigit() or int(pool_size) < 1:
+        raise ValueError(
+            f"CUSTOMERS_POSTGRES_POOL_SIZE must be a whole number from 1, not {pool_size}"
+        )
     if config.get("CUSTOMERS_DATABASE_URL"):
         check_postgres_url(config["CUSTOMERS_DATABASE_URL"])
 

@@ -455,7 +455,9 @@ class Connections:
                 return conn
             self._drop(cached)
         conn = self.open()
-        cached[self._key] = (os.getpid(), file_identity(self.path), conn)
+        # The identity seen before opening: had the file been replaced meanwhile, the next
+        # request sees a new one and opens the file that is there, never writing to a deleted one.
+        cached[self._key] = (os.getpid(), identity, conn)
         return conn
 
     def release(self, conn: Connection) -> None:

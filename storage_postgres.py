@@ -6,7 +6,7 @@ import os
 import select
 import threading
 from collections.abc import Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
@@ -23,6 +23,16 @@ from customers_service.storage import (
 )
 
 Error = psycopg.Error
+# A server that vanishes without closing the connection (a crashed host, a network split) is
+# noticed within seconds, as unavailable, not after the kernel's quarter of an hour of retries.
+NETWORK = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # milliseconds a sent request may stay unacknowledged
+}
 MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
 COUNT_SHARDS = 16
 # Row locks, not one write lock, so an import makes no live writer wait for a lock; but they
@@ -109,6 +119,7 @@ SELECT total.n AS total_count, page.*
 FROM (SELECT sum(n)::bigint AS n FROM customer_count) total
 LEFT JOIN LATERAL (
     SELECT {SELECTED} FROM customers
+    WHERE {{offset:d}} < total.n  -- a page past the end reads no row (checked once)
     ORDER BY customers.created_at DESC, customers.id DESC  -- the columns, not the text aliases
     LIMIT {{limit:d}} OFFSET {{offset:d}}
 ) page ON true
@@ -156,14 +167,20 @@ def fault(error: BaseException) -> tuple[str, str] | None:
     return UNAVAILABLE  # the connection lost, the server shutting down or starting, ...
 
 
+SECRET_PARAMETERS = ("password", "sslpassword")
+
+
 def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its passwords (before the @ or as parameters), for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = [
+        (name, "***" if name in SECRET_PARAMETERS else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def session_options(statement_timeout: float) -> str:
@@ -183,7 +200,7 @@ def connect(url: str, statement_timeout: float = 5.0) -> psycopg.Connection:
             autocommit=True,
             row_factory=dict_row,
             options=session_options(statement_timeout),
-            connect_timeout=5,
+            **NETWORK,
         )
     except psycopg.OperationalError as e:
         # libpq's message names the host and port, never the password; say which database.
@@ -322,10 +339,16 @@ def check(conn: psycopg.Connection, min_free_bytes: int = 0) -> None:
 
 
 def closed_by_server(conn: psycopg.Connection) -> None:
-    """Raise if the server has closed this idle connection (a restart, an idle timeout): its
-    socket then reads as ready, with the end of the stream or a last error message. One system
-    call, where psycopg_pool's own check costs a round trip to the server on every request."""
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+    """Close and refuse a pooled connection that the server has closed (a restart, an idle
+    timeout): its idle socket then reads as ready, with the end of the stream or a last error
+    message. One system call, where psycopg_pool's own check costs a round trip to the server on
+    every request. Closed, it is thrown away by the pool, which opens another."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
+        conn.close()
         raise psycopg.OperationalError("the server closed the connection")
 
 
@@ -367,8 +390,9 @@ class Connections:
             # from the outage: start afresh rather than answer 503 for seconds more.
             pool = self._replace_pool(pool)
             conn = pool.getconn()
-        self._in_use[os.getpid()] = self._in_use.get(os.getpid(), 0) + 1
-        self._origin[id(conn)] = pool
+        with self._lock:
+            self._in_use[os.getpid()] = self._in_use.get(os.getpid(), 0) + 1
+            self._origin[id(conn)] = pool
         if os.getpid() not in self._ready:
             try:
                 if schema_version(conn) < len(MIGRATIONS):
@@ -381,8 +405,10 @@ class Connections:
 
     def release(self, conn: psycopg.Connection) -> None:
         """Give the connection back (the pool rolls back anything left open)."""
-        self._in_use[os.getpid()] -= 1
-        self._origin.pop(id(conn)).putconn(conn)  # a replaced pool takes back its own
+        with self._lock:
+            self._in_use[os.getpid()] -= 1
+            pool = self._origin.pop(id(conn))
+        pool.putconn(conn)  # a replaced pool takes back its own
 
     def discard(self, conn: psycopg.Connection) -> None:
         """Give back a connection that may be broken: the pool checks it before reuse."""
@@ -416,7 +442,7 @@ class Connections:
                 "autocommit": True,
                 "row_factory": dict_row,
                 "options": session_options(self.statement_timeout),
-                "connect_timeout": 5,
+                **NETWORK,
             },
             name="customers",
         )

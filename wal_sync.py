@@ -66,7 +66,16 @@ class WalSync:
         return self.wal_fd
 
     def close(self) -> None:
+        """Release the mapping and the descriptors; safe to call again."""
+        if self.sync_fd is None:
+            return
         self.counters.close()
         os.close(self.sync_fd)
         if self.wal_fd is not None:
             os.close(self.wal_fd)
+        self.sync_fd = self.wal_fd = None
+
+    def __del__(self) -> None:
+        # A thread's cached connection is freed, not closed, when the thread ends (flask run
+        # serves each client on a thread of its own): its descriptors must not outlive it.
+        self.close()

@@ -25,7 +25,6 @@ from conftest import (
 from customers_service import storage_postgres
 
 HOSTS = 3
-SUBNET = f"10.{100 + os.getpid() % 150}"  # 10.X.N.0/24 for host N; X differs between runs
 
 
 def ip(*args: str) -> None:
@@ -35,14 +34,27 @@ def ip(*args: str) -> None:
         pytest.fail(f"ip {' '.join(args)}: {result.stderr.strip()} (root and iproute2 needed)")
 
 
+def unused_subnet() -> str:
+    """A 10.X prefix that no address or route of this machine uses (Docker, a VPN, ...)."""
+    words = " ".join(
+        subprocess.run(["ip", "-4", *args], capture_output=True, text=True, timeout=30).stdout
+        for args in (("addr",), ("route",))
+    ).split()
+    for offset in range(150):
+        prefix = f"10.{100 + (os.getpid() + offset) % 150}."
+        if not any(word.startswith(prefix) for word in words):
+            return prefix[:-1]
+    pytest.fail("no free 10.X.0.0/16 for the test hosts")
+
+
 class NetworkHost:
     """A network namespace joined to this one by a veth pair: 10.X.N.1 here, 10.X.N.2 there."""
 
-    def __init__(self, number: int):
+    def __init__(self, subnet: str, number: int):
         tag = f"{os.getpid() % 100000}"
         self.namespace = f"cs{tag}h{number}"
         self.outside, self.inside = f"cs{tag}o{number}", f"cs{tag}i{number}"
-        self.gateway, self.address = f"{SUBNET}.{number}.1", f"{SUBNET}.{number}.2"
+        self.gateway, self.address = f"{subnet}.{number}.1", f"{subnet}.{number}.2"
 
     def create(self) -> None:
         ip("netns", "add", self.namespace)
@@ -62,7 +74,8 @@ class NetworkHost:
 
 @pytest.fixture(scope="module")
 def network():
-    hosts = [NetworkHost(n) for n in range(1, HOSTS + 1)]
+    subnet = unused_subnet()
+    hosts = [NetworkHost(subnet, n) for n in range(1, HOSTS + 1)]
     try:
         for host in hosts:
             host.create()

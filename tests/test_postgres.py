@@ -262,6 +262,12 @@ def test_postgres_stopped_is_503_unavailable_and_the_service_recovers_by_itself(
     postgres.drop_database(name)
 
 
+def test_passwords_are_hidden_wherever_the_url_holds_them():
+    assert storage_postgres.safe_url("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    hidden = storage_postgres.safe_url("postgresql://u@h/d?password=pw&sslpassword=k&sslmode=on")
+    assert hidden == "postgresql://u@h/d?password=***&sslpassword=***&sslmode=on"
+
+
 def test_init_db_on_an_unreachable_server_says_so_without_the_password(postgres):
     url = f"postgresql://customers_app:{PASSWORD}@127.0.0.1:1/nowhere"
     result = flask_command({"CUSTOMERS_DATABASE_URL": url}, "init-db")

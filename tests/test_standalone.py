@@ -78,6 +78,9 @@ def test_api_responses_are_not_cached_or_sniffed(client):
         ("CUSTOMERS_SQLITE_SYNCHRONOUS", "OFF"),
         ("CUSTOMERS_MAX_BODY_BYTES", "64k"),
         ("CUSTOMERS_SQLITE_TIMEOUT", "soon"),
+        ("CUSTOMERS_POSTGRES_POOL_SIZE", "0"),
+        ("CUSTOMERS_POSTGRES_POOL_SIZE", "2.5"),
+        ("CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT", "0"),
     ],
 )
 def test_a_setting_that_cannot_work_stops_the_start(tmp_path, name, value):
