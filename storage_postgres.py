@@ -24,14 +24,16 @@ from customers_service.storage import (
 
 Error = psycopg.Error
 # A server that vanishes without closing the connection (a crashed host, a network split) is
-# noticed within seconds, as unavailable, not after the kernel's quarter of an hour of retries.
+# noticed within seconds, as unavailable, not after the kernel's quarter of an hour of retries:
+# a request sent into a split fails after about 12 s (tests/test_hosts.py), well inside
+# gunicorn's 30 s worker timeout. (15 s of tcp_user_timeout took 42 s, past it.)
 NETWORK = {
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
-    "tcp_user_timeout": 15_000,  # milliseconds a sent request may stay unacknowledged
+    "tcp_user_timeout": 5_000,  # milliseconds a sent request may stay unacknowledged
 }
 MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
 COUNT_SHARDS = 16

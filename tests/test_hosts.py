@@ -48,19 +48,23 @@ def unused_subnet() -> str:
 
 
 class NetworkHost:
-    """A network namespace joined to this one by a veth pair: 10.X.N.1 here, 10.X.N.2 there."""
+    """A network namespace joined to this one by a veth pair: 10.X.N.1 here, 10.X.N.2 there,
+    and the database at 10.X.N.3 here, so that a test can cut the host off from the database
+    alone."""
 
     def __init__(self, subnet: str, number: int):
         tag = f"{os.getpid() % 100000}"
         self.namespace = f"cs{tag}h{number}"
         self.outside, self.inside = f"cs{tag}o{number}", f"cs{tag}i{number}"
         self.gateway, self.address = f"{subnet}.{number}.1", f"{subnet}.{number}.2"
+        self.database = f"{subnet}.{number}.3"
 
     def create(self) -> None:
         ip("netns", "add", self.namespace)
         ip("link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
         ip("link", "set", self.inside, "netns", self.namespace)
         ip("addr", "add", f"{self.gateway}/24", "dev", self.outside)
+        ip("addr", "add", f"{self.database}/24", "dev", self.outside)
         ip("link", "set", self.outside, "up")
         inside = ("netns", "exec", self.namespace, "ip")
         ip(*inside, "addr", "add", f"{self.address}/24", "dev", self.inside)
@@ -88,7 +92,7 @@ def network():
 @pytest.fixture(scope="module")
 def cluster(network):
     """A PostgreSQL cluster listening on loopback and on this side of each host's link."""
-    listen = ",".join(["127.0.0.1", *(host.gateway for host in network)])
+    listen = ",".join(["127.0.0.1", *(host.database for host in network)])
     allow = tuple(f"{host.address}/32" for host in network)
     cluster = PostgresCluster(listen=listen, allow=allow).init()
     cluster.start()
@@ -114,7 +118,7 @@ def deployment(network, cluster, tmp_path):
             host=host.address,
             namespace=host.namespace,
             env={
-                "CUSTOMERS_DATABASE_URL": cluster.url(name, host=host.gateway),
+                "CUSTOMERS_DATABASE_URL": cluster.url(name, host=host.database),
                 "CUSTOMERS_POSTGRES_POOL_TIMEOUT": "1",
             },
         )
@@ -217,3 +221,27 @@ def test_postgres_restarted_under_load_is_only_503s_and_the_hosts_recover(deploy
     assert_all_acknowledged_present(deployment.backend, load.acked)
     for gunicorn in deployment.gunicorns:
         assert "Traceback" not in gunicorn.log()
+
+
+def test_a_host_cut_off_from_the_database_answers_503_and_recovers(deployment, network):
+    """A network split drops packets without closing anything: the host must notice (TCP
+    keepalives, tcp_user_timeout) and answer 503 well within gunicorn's 30 s worker timeout."""
+    host, gunicorn = network[0], deployment.gunicorns[0]
+    url = gunicorn.url + "/api/v1/customers"
+    body = {"customer": {"customer_id": "split", "name": "N"}}
+    assert requests.post(url, json=body, headers=AUTH, timeout=30).status_code == 200
+    blackhole = ("netns", "exec", host.namespace, "ip", "route")
+    ip(*blackhole, "add", "blackhole", f"{host.database}/32")
+    try:
+        started = time.monotonic()
+        response = requests.post(url, json=body, headers=AUTH, timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        ip(*blackhole, "del", "blackhole", f"{host.database}/32")
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "database_unavailable"
+    assert waited < 25, f"the split was noticed only after {waited:.0f} s"
+    deadline = time.monotonic() + 30
+    while requests.post(url, json=body, headers=AUTH, timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "the host did not recover by itself"
+        time.sleep(0.2)
