@@ -165,9 +165,10 @@ def main() -> None:
 
             measure("sqlite", sqlite_env, path, args.rows, args.clients, tmp)
         if "postgres" in args.backends:
-            cluster = PostgresCluster().init()
-            cluster.start()
+            cluster = PostgresCluster()
             try:
+                cluster.init()
+                cluster.start()
 
                 def postgres_env(name: str) -> dict:
                     cluster.admin(f"CREATE DATABASE {name}")

@@ -291,15 +291,15 @@ def main() -> None:
                     env = {"CUSTOMERS_DATABASE": database, "CUSTOMERS_SQLITE_SYNCHRONOUS": sync}
                     targets.append((sync, rows, env, []))
         cluster = None
-        if "postgres" in args.backends:
-            cluster = PostgresCluster(shared_buffers="1GB")  # holds the 1,000,000-row table
-            cluster.init()
-            cluster.start()
-            postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
-            for rows in args.rows:
-                url = postgres_database(cluster, rows)
-                targets.append(("PG", rows, {"CUSTOMERS_DATABASE_URL": url}, [postmaster]))
         try:
+            if "postgres" in args.backends:
+                cluster = PostgresCluster(shared_buffers="1GB")  # holds the 1M-row table
+                cluster.init()
+                cluster.start()
+                postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+                for rows in args.rows:
+                    url = postgres_database(cluster, rows)
+                    targets.append(("PG", rows, {"CUSTOMERS_DATABASE_URL": url}, [postmaster]))
             for label, rows, env, extra in targets:
                 server = Server("wsgi:app", {**env, "CUSTOMERS_API_KEYS": KEY})
                 for connections in args.connections:

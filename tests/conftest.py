@@ -58,11 +58,14 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def postgres():
     """The session's PostgreSQL cluster, started once."""
-    cluster = PostgresCluster().init()
-    cluster.start()
-    cluster.make_template()
-    yield cluster
-    cluster.remove()
+    cluster = PostgresCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        cluster.make_template()
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 class Backend:

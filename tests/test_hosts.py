@@ -94,10 +94,13 @@ def cluster(network):
     """A PostgreSQL cluster listening on loopback and on this side of each host's link."""
     listen = ",".join(["127.0.0.1", *(host.database for host in network)])
     allow = tuple(f"{host.address}/32" for host in network)
-    cluster = PostgresCluster(listen=listen, allow=allow).init()
-    cluster.start()
-    yield cluster
-    cluster.remove()
+    cluster = PostgresCluster(listen=listen, allow=allow)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 class Deployment:
