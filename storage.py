@@ -467,7 +467,7 @@ class Connections:
 
     def discard(self, conn: Connection) -> None:
         """Close this thread's connection after a fault: the next request opens a fresh one."""
-        self._drop(getattr(_thread, "connections", {}))
+        self.close()
 
     def close(self) -> None:
         """Close this thread's connection."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,31 @@ def assert_all_acknowledged_present(backend: "Backend", acked: list[dict]) -> No
         row = stored.get(customer["customer_id"])
         assert row is not None, f"acknowledged but lost: {customer['customer_id']}"
         assert {k: row[k] for k in customer} == customer
+
+
+@contextmanager
+def small_filesystem(path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` for the test: a disk that can really fill up."""
+    path.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs (root is needed): {result.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path) -> None:
+    """Write a file until the filesystem is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass

@@ -4,30 +4,28 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 import requests
-from conftest import AUTH, Gunicorn, WriteLoad
-
-from customers_service import storage
+from conftest import (
+    AUTH,
+    Backend,
+    Gunicorn,
+    WriteLoad,
+    assert_all_acknowledged_present,
+    fill,
+    small_filesystem,
+)
 
 
 def assert_all_present(db_path, acked: list[dict]) -> None:
+    """The file is sound, and every acknowledged customer is in it with the values sent."""
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        db.row_factory = sqlite3.Row
-        stored = {
-            row["customer_id"]: dict(row)
-            for row in db.execute(f"SELECT {storage.SELECTED} FROM customers")
-        }
-    for customer in acked:
-        row = stored.get(customer["customer_id"])
-        assert row is not None, f"acknowledged but lost: {customer['customer_id']}"
-        assert {k: row[k] for k in customer} == customer
+    backend = Backend("sqlite", {"CUSTOMERS_DATABASE": str(db_path)}, sqlite_path=db_path)
+    assert_all_acknowledged_present(backend, acked)
 
 
 def worker_pids(master_pid: int) -> list[int]:
@@ -89,34 +87,6 @@ def test_a_stuck_worker_is_timed_out_and_loses_no_other_request(tmp_path):
         assert_all_present(gunicorn.db_path, load.acked)
     finally:
         gunicorn.stop()
-
-
-@contextmanager
-def small_filesystem(path, size: str):
-    """A tmpfs of ``size`` mounted at ``path`` for the test: a disk that can really fill up."""
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs (root is needed): {result.stderr}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path) -> None:
-    """Write a file until the filesystem is full."""
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
 
 
 def test_a_full_disk_is_a_503_with_a_code_and_the_service_recovers_by_itself(tmp_path):

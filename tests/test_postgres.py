@@ -14,7 +14,17 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-from conftest import API_KEY, AUTH, ROOT, SEED, Gunicorn, post_customer, started_app
+from conftest import (
+    API_KEY,
+    AUTH,
+    ROOT,
+    SEED,
+    Gunicorn,
+    fill,
+    post_customer,
+    small_filesystem,
+    started_app,
+)
 
 from customers_service import database, storage_postgres
 from customers_service.app import create_app
@@ -276,54 +286,42 @@ def test_init_db_on_an_unreachable_server_says_so_without_the_password(postgres)
     assert PASSWORD not in result.stdout + result.stderr
 
 
-def fill(path: Path) -> None:
-    """Write a file until its filesystem is full."""
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-
-
 def test_a_full_disk_is_503_database_full(postgres):
-    small = Path(tempfile.mkdtemp(prefix="customers-pg-full-"))  # reachable by postgres
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs (root is needed): {mounted.stderr}")
+    parent = Path(tempfile.mkdtemp(prefix="customers-pg-full-"))
+    parent.chmod(0o755)  # the postgres user reaches the tablespace through it
     name = f"customers_full_{int(time.time() * 1000)}"
     try:
-        shutil.chown(small, "postgres", "postgres")
-        postgres.admin(f"CREATE TABLESPACE {name} LOCATION '{small}'")
-        postgres.admin(f"CREATE DATABASE {name} TABLESPACE {name}")
-        app = started_app(
-            {"CUSTOMERS_DATABASE_URL": postgres.url(name), "CUSTOMERS_API_KEYS": API_KEY}
-        )
-        client = app.test_client()
-        big = {"name": "N", "legal_name": "x" * 250, "address_line1": "y" * 250}
-        assert post_customer(client, {"customer_id": "before", **big}).status_code == 200
-        fill(small / "filler")
-        answers = []
-        for i in range(5_000):
-            response = post_customer(client, {"customer_id": f"full-{i:05d}", **big})
-            answers.append(response.status_code)
-            if response.status_code != 200:
-                break
-        assert answers[-1] == 503, answers[-3:]
-        assert set(answers[:-1]) == {200}
-        assert response.get_json()["code"] == "database_full"
-        assert response.headers["Retry-After"] == "1"
-        os.remove(small / "filler")  # the fault clears; nobody restarts anything
-        assert post_customer(client, {"customer_id": "after", **big}).status_code == 200
-        assert client.get("/api/v1/customers/before", headers=AUTH).status_code == 200
+        with small_filesystem(parent / "fs", "32m") as small:
+            shutil.chown(small, "postgres", "postgres")
+            postgres.admin(f"CREATE TABLESPACE {name} LOCATION '{small}'")
+            try:
+                postgres.admin(f"CREATE DATABASE {name} TABLESPACE {name}")
+                assert_full_disk_is_503_and_clears(postgres.url(name), small)
+            finally:
+                database.close_connections()
+                postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                postgres.admin(f"DROP TABLESPACE IF EXISTS {name}")
     finally:
-        database.close_connections()
-        postgres.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        postgres.admin(f"DROP TABLESPACE IF EXISTS {name}")
-        subprocess.run(["umount", "-l", str(small)], check=False)
-        shutil.rmtree(small, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def assert_full_disk_is_503_and_clears(url: str, small: Path) -> None:
+    """Fill the disk under the database: a 503 database_full, then writes again once it clears."""
+    app = started_app({"CUSTOMERS_DATABASE_URL": url, "CUSTOMERS_API_KEYS": API_KEY})
+    client = app.test_client()
+    big = {"name": "N", "legal_name": "x" * 250, "address_line1": "y" * 250}
+    assert post_customer(client, {"customer_id": "before", **big}).status_code == 200
+    fill(small / "filler")
+    answers = []
+    for i in range(5_000):
+        response = post_customer(client, {"customer_id": f"full-{i:05d}", **big})
+        answers.append(response.status_code)
+        if response.status_code != 200:
+            break
+    assert answers[-1] == 503, answers[-3:]
+    assert set(answers[:-1]) == {200}
+    assert response.get_json()["code"] == "database_full"
+    assert response.headers["Retry-After"] == "1"
+    os.remove(small / "filler")  # the fault clears; nobody restarts anything
+    assert post_customer(client, {"customer_id": "after", **big}).status_code == 200
+    assert client.get("/api/v1/customers/before", headers=AUTH).status_code == 200
