@@ -22,6 +22,7 @@ from customers_service.api_keys import (
 )
 from customers_service.body import customer_payload
 from customers_service.commands import cli
+from customers_service.list_query import load_list_query
 from customers_service.logs import error_log, setup_logging, write_access_line
 from customers_service.responses import (
     RETRY_LATER,
@@ -30,8 +31,9 @@ from customers_service.responses import (
     http_error,
     json_response,
 )
-from customers_service.schemas import customer_schema, pagination_schema
+from customers_service.schemas import customer_schema
 from customers_service.settings import check_settings, from_environment, setting
+from customers_service.storage import TooManyMetadataKeys
 
 bp = Blueprint("customers", __name__, cli_group="customers")
 bp.cli = cli  # flask customers ...: the commands live in commands.py
@@ -145,7 +147,11 @@ def upsert_customer():
     """Create the customer, or update the one with that customer_id."""
     limit = int(setting("CUSTOMERS_MAX_BODY_BYTES"))
     fields = customer_schema.load(customer_payload(request, limit))
-    return json_response({"customer": database.get_store().upsert_customer(fields)})
+    try:
+        customer = database.get_store().upsert_customer(fields)
+    except TooManyMetadataKeys:
+        raise ValidationError({"metadata": ["too_many_metadata_keys"]}) from None
+    return json_response({"customer": customer})
 
 
 @bp.get(
@@ -176,13 +182,12 @@ def delete_customer(customer_id: str):
 
 @bp.get("/api/v1/customers", provide_automatic_options=False)
 def list_customers():
-    """One page of customers, newest first."""
-    try:
-        args = pagination_schema.load(request.args)
-    except ValidationError as e:
-        raise ApiError(400, "invalid_pagination", details=e.normalized_messages()) from None
-    page, per_page = args["page"], args["per_page"]
-    customers, total = database.get_store().list_customers(page, per_page)
+    """One page of the customers the filters select, newest first unless sorted otherwise."""
+    page, per_page, filters = load_list_query(request.args)
+    if filters is None:  # a time bound past the end of time: nothing to read
+        customers, total = [], 0
+    else:
+        customers, total = database.get_store().list_customers(page, per_page, filters)
     total_pages = -(-total // per_page)
     meta = {
         "current_page": page,

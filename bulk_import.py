@@ -42,7 +42,8 @@ def jsonl_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
 def csv_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
     """(line number, customer, parse errors) for each record of a CSV stream with a header.
 
-    An empty cell is null: it clears that field of an existing customer.
+    An empty cell is null: it clears that field of an existing customer. The ``metadata`` cell
+    holds the metadata as JSON (``{"plan": "pro"}``).
     """
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
@@ -67,8 +68,21 @@ def _csv_records(reader: csv.DictReader) -> Iterator[tuple[int, object, dict | N
             yield number, customer, {"_row": ["too_many_cells"]}
         elif not _is_utf8(customer):
             yield number, customer, {"_row": ["invalid_utf8"]}
+        elif not _metadata_cell_parsed(customer):
+            yield number, customer, {"metadata": ["invalid_json"]}
         else:
             yield number, customer, None
+
+
+def _metadata_cell_parsed(customer: dict) -> bool:
+    """Replace a CSV record's metadata cell by the JSON it holds; False if it holds none."""
+    if customer.get("metadata") is None:
+        return True
+    try:
+        customer["metadata"] = json.loads(customer["metadata"])
+    except ValueError:
+        return False
+    return True
 
 
 def _is_utf8(customer: dict) -> bool:
@@ -198,7 +212,7 @@ class ImportReport:
 BATCH_TRIES = 3
 
 
-def import_with_retries(store: Store, rows: list[dict]) -> tuple[int, list[int]]:
+def import_with_retries(store: Store, rows: list[dict]) -> tuple[int, list[tuple[int, dict]]]:
     """Store.import_batch, tried again when the database was only busy (a lock held by the live
     service past the timeout, a deadlock with it): the batch was rolled back whole."""
     attempt = 1
@@ -224,9 +238,9 @@ def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
     started = time.monotonic()
     inserted, refused = import_with_retries(store, [params for _, params in valid])
     time.sleep((time.monotonic() - started) * store.backend.IMPORT_PAUSE)
-    for position in refused:  # a restored lago_id that another customer has
+    for position, errors in refused:  # a restored lago_id taken, metadata past 50 keys
         number, params = valid[position]
-        report.reject(number, storage.sent_fields(params), {"lago_id": ["lago_id_taken"]})
+        report.reject(number, storage.sent_fields(params), errors)
     report.committed(inserted, len(valid) - len(refused) - inserted)
 
 

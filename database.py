@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from flask import Flask, current_app, g
 
 from customers_service import storage
+from customers_service.list_query import NO_FILTERS, Filters
 from customers_service.settings import setting
 
 _connections: dict[tuple, object] = {}
@@ -38,17 +39,19 @@ class Store:
         """Delete the customer and return it as it was, or None."""
         return self.backend.delete_customer(self.conn, customer_id)
 
-    def list_customers(self, page: int, per_page: int) -> tuple[list[dict], int]:
-        """One page of customers, newest first, and the total count."""
-        return self.backend.list_customers(self.conn, page, per_page)
+    def list_customers(
+        self, page: int, per_page: int, filters: Filters = NO_FILTERS
+    ) -> tuple[list[dict], int]:
+        """One page of the customers the filters select, in their order, and their count."""
+        return self.backend.list_customers(self.conn, page, per_page, filters)
 
     def check_health(self, min_free_bytes: int) -> None:
         """Raise the backend's error unless the database takes a write and has room for more."""
         self.backend.check(self.conn, min_free_bytes)
 
-    def import_batch(self, rows: list[dict]) -> tuple[int, list[int]]:
+    def import_batch(self, rows: list[dict]) -> tuple[int, list[tuple[int, dict]]]:
         """Upsert prepared rows (see storage.upsert_params) in one transaction; return how many
-        customers they created and the positions of the rows refused."""
+        customers they created, and the position and error details of each row refused."""
         return self.backend.import_batch(self.conn, rows)
 
     def export_lines(self) -> Iterator[str]:

@@ -5,7 +5,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, render_template_string, url_for
 
-from customers_service import schemas
+from customers_service import list_query, schemas
 from customers_service.api_keys import PUBLIC_ENDPOINTS
 
 DOCS_PAGE = """<!doctype html>
@@ -31,7 +31,8 @@ DOCS_PAGE = """<!doctype html>
 """
 
 ERROR_DESCRIPTIONS = {
-    400: "`invalid_json`, `bad_request` or `invalid_pagination`.",
+    400: "`invalid_json` or `bad_request` (an upsert's body); `invalid_pagination` or "
+    "`invalid_filters` (a list's query), with `error_details` naming each bad parameter.",
     401: "`unauthorized`: no API key, or a wrong one.",
     404: "`customer_not_found`.",
     413: "`payload_too_large`: the body is over the limit (64 KiB by default).",
@@ -67,7 +68,10 @@ OPERATIONS = {
     "customers.list_customers": (
         "get",
         "List customers",
-        "One page of customers, newest first (`created_at` descending, then insertion order).",
+        "One page of the customers the filters select (all of them without filters), newest "
+        "first unless `sort` says otherwise; `meta` counts what the filters select. Filters "
+        "combine with AND; the values of one repeated filter with OR. Any other parameter, or "
+        "a single-valued one repeated, is `400 invalid_filters`.",
         None,
         (400, 401, 503),
     ),
@@ -151,7 +155,11 @@ def _operation(endpoint: str) -> dict:
     if endpoint in PUBLIC_ENDPOINTS:
         operation["security"] = []
     if endpoint == "customers.list_customers":
-        operation["parameters"] = [{"in": "query", "schema": schemas.PaginationSchema}]
+        operation["parameters"] = [
+            {"in": "query", "schema": list_query.PaginationSchema},
+            {"in": "query", "schema": list_query.FiltersSchema},
+            list_query.METADATA_PARAMETER_DOC,
+        ]
     if endpoint in ("customers.get_customer", "customers.delete_customer"):
         operation["parameters"] = [
             {
@@ -182,7 +190,8 @@ def build_openapi(app: Flask) -> dict:
     spec = APISpec(
         title="Customers API",
         version="1.0.0",
-        openapi_version="3.0.3",
+        # 3.1: JSON Schema's propertyNames states the metadata key rules.
+        openapi_version="3.1.0",
         plugins=[MarshmallowPlugin(schema_name_resolver=_schema_name)],
         info={
             "description": "Lago's `POST /api/v1/customers` of 2022, with the rest of the "
@@ -207,10 +216,7 @@ def build_openapi(app: Flask) -> dict:
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
     # Unknown keys are refused unless null (Lago clients send their whole model): say so exactly.
-    document["components"]["schemas"]["CustomerInput"]["additionalProperties"] = {
-        "nullable": True,
-        "enum": [None],
-    }
+    document["components"]["schemas"]["CustomerInput"]["additionalProperties"] = {"type": "null"}
     return document
 
 

@@ -34,6 +34,9 @@ TEXT_ERRORS = {
     "invalid_utf8": "invalid_type",
 }
 TOO_LONG = "value_is_too_long"
+METADATA_KEYS = 50  # the most a customer's merged metadata may hold
+METADATA_KEY_LENGTH = 40
+METADATA_VALUE_LENGTH = 500
 
 
 # Letter by letter in either case, so the OpenAPI document states the same rule as known_country.
@@ -125,6 +128,54 @@ def known_country(value: str) -> None:
         raise ValidationError("not_a_valid_country_code")
 
 
+def metadata_key_errors(key: str) -> list[str]:
+    """The error codes of a metadata key: 1-40 characters, not blank, no ``[``, ``]`` or NUL."""
+    if "\0" in key:
+        return ["invalid_character"]
+    if not 1 <= len(key) <= METADATA_KEY_LENGTH or not key.strip() or {"[", "]"} & set(key):
+        return ["invalid_metadata_key"]
+    return []
+
+
+def metadata_value_errors(value) -> list[str]:
+    """The error codes of a metadata value: a string of at most 500 characters, or null."""
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        return ["invalid_type"]
+    if "\0" in value:
+        return ["invalid_character"]
+    return [TOO_LONG] if len(value) > METADATA_VALUE_LENGTH else []
+
+
+# The key rules as one pattern, for the OpenAPI document (propertyNames).
+METADATA_KEY_PATTERN = f"^[^\\[\\]\\u0000]*[^{WHITE_SPACE}\\[\\]\\u0000][^\\[\\]\\u0000]*$"
+
+
+class Metadata(fields.Field):
+    """Metadata as the upsert takes it: an object, merged into the stored one (RFC 7396: a key
+    set to null is removed), or null to remove every key. Every error is listed under the one
+    field ``metadata``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_none=True, error_messages={"invalid": "invalid_type"}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, dict):
+            raise self.make_error("invalid")
+        codes = []
+        for key, item in value.items():
+            codes += metadata_key_errors(key) + metadata_value_errors(item)
+        if sum(item is not None for item in value.values()) > METADATA_KEYS:
+            codes.append("too_many_metadata_keys")
+        if codes:
+            raise ValidationError(list(dict.fromkeys(codes)))
+        return value
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value
+
+
 class CustomerSchema(Schema):
     """A customer as the API takes it in and gives it back."""
 
@@ -177,6 +228,27 @@ class CustomerSchema(Schema):
     logo_url = http_url("Logo URL of the customer.", SEED_EXAMPLE["logo_url"])
     legal_name = optional_text("Legal company name of the customer.", example="Coleman-Blair")
     legal_number = optional_text("Legal company number of the customer.", example="49-008-2965")
+    metadata = Metadata(
+        metadata=described(
+            "Your own attributes: string values under keys of 1-40 characters (no `[` or `]`), "
+            "at most 50. An update merges it into the stored metadata: a key with a string sets "
+            "it, a key with null removes it, a key absent keeps it; `null` removes every key. "
+            "`{}` when the customer has none.",
+            {"crm_id": "48213", "plan": "pro"},
+            type="object",
+            maxProperties=METADATA_KEYS,
+            propertyNames={
+                "minLength": 1,
+                "maxLength": METADATA_KEY_LENGTH,
+                "pattern": METADATA_KEY_PATTERN,
+            },
+            additionalProperties={
+                "type": ["string", "null"],
+                "maxLength": METADATA_VALUE_LENGTH,
+                "pattern": "^[^\\u0000]*$",
+            },
+        )
+    )
     created_at = fields.String(
         dump_only=True,
         metadata={"description": "When it was created (UTC).", "example": "2022-04-29T08:59:51Z"},
@@ -238,35 +310,6 @@ class CustomerListSchema(Schema):
 
     customers = fields.List(fields.Nested(CustomerSchema))
     meta = fields.Nested(PageMetaSchema)
-
-
-class QueryInteger(fields.Integer):
-    """An integer written in plain decimal digits, as a query string carries it."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
-class PaginationSchema(Schema):
-    """The query parameters of the list."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    page = QueryInteger(
-        load_default=1,
-        validate=validate.Range(min=1, error="must_be_at_least_1"),
-        error_messages={"invalid": "invalid_integer"},
-        metadata={"description": "Page number, from 1."},
-    )
-    per_page = QueryInteger(
-        load_default=20,
-        validate=validate.Range(min=1, max=100, error="must_be_between_1_and_100"),
-        error_messages={"invalid": "invalid_integer"},
-        metadata={"description": "Customers per page, 1 to 100."},
-    )
 
 
 class ErrorSchema(Schema):
@@ -332,4 +375,3 @@ class HealthSchema(Schema):
 
 customer_schema = CustomerSchema()
 customer_import_schema = CustomerImportSchema()
-pagination_schema = PaginationSchema()

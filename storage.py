@@ -1,6 +1,7 @@
 """SQLite storage of customers: plain SQL in a few functions that take a connection first."""
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -29,7 +30,12 @@ FIELDS = (
 )
 REQUIRED = FIELDS[:2]
 OPTIONAL_FIELDS = FIELDS[2:]
-COLUMNS = ("lago_id", *FIELDS, "created_at", "updated_at")
+COLUMNS = ("lago_id", *FIELDS, "metadata", "created_at", "updated_at")
+# search_term looks in these, and email is matched on its folded copy: folded_<field> holds the
+# field as fold() makes it, so "ignoring case" means one thing on both backends, whatever the
+# database's locale.
+SEARCHED = ("customer_id", "name", "legal_name", "email")
+FOLDED = tuple(f"folded_{f}" for f in SEARCHED)
 
 # Each step runs once, in order, in its own transaction; PRAGMA user_version counts the steps
 # done. Append new steps; never edit or reorder a released one.
@@ -60,18 +66,96 @@ MIGRATIONS = (
         "CREATE TABLE health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT)",
         "INSERT INTO health_probe (id, checked_at) VALUES (1, NULL)",
     ),
+    (
+        # Metadata and the list's filters (issue 11).
+        "ALTER TABLE customers ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
+        *(f"ALTER TABLE customers ADD COLUMN {column} TEXT" for column in FOLDED),
+        lambda conn: fold_existing(conn),
+        "CREATE INDEX customers_recently_updated ON customers (updated_at DESC, id DESC)",
+        "CREATE INDEX customers_by_country ON customers (country, created_at DESC, id DESC)",
+        "CREATE INDEX customers_by_state ON customers (state)",
+        "CREATE INDEX customers_by_zipcode ON customers (zipcode)",
+        "CREATE INDEX customers_by_email ON customers (folded_email)",
+        # The merged metadata holds at most 50 keys; the API checks what it can see before
+        # writing, this checks the merge, inside the write.
+        """CREATE TRIGGER customers_metadata_limit BEFORE UPDATE OF metadata ON customers
+           WHEN new.metadata IS NOT old.metadata
+                AND (SELECT count(*) FROM json_each(new.metadata)) > 50
+           BEGIN SELECT RAISE(ABORT, 'too_many_metadata_keys'); END""",
+        # metadata[KEY]=VALUE finds customers through this table of pairs, kept by triggers.
+        """CREATE TABLE customer_metadata (
+            customer INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (customer, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX customer_metadata_pairs ON customer_metadata (key, value)",
+        """CREATE TRIGGER customers_metadata_in AFTER INSERT ON customers
+           WHEN new.metadata <> '{}'
+           BEGIN
+               INSERT INTO customer_metadata SELECT new.id, key, value FROM json_each(new.metadata);
+           END""",
+        """CREATE TRIGGER customers_metadata_changed AFTER UPDATE OF metadata ON customers
+           WHEN new.metadata IS NOT old.metadata
+           BEGIN
+               DELETE FROM customer_metadata WHERE customer = old.id;
+               INSERT INTO customer_metadata SELECT new.id, key, value FROM json_each(new.metadata);
+           END""",
+        """CREATE TRIGGER customers_metadata_out AFTER DELETE ON customers
+           WHEN old.metadata <> '{}'
+           BEGIN DELETE FROM customer_metadata WHERE customer = old.id; END""",
+        # search_term: a trigram index of the folded fields (FTS5 reads them from customers).
+        f"""CREATE VIRTUAL TABLE customer_search USING fts5(
+            {", ".join(FOLDED)},
+            content='customers', content_rowid='id', tokenize='trigram case_sensitive 1'
+        )""",
+        f"""CREATE TRIGGER customers_search_in AFTER INSERT ON customers
+           BEGIN
+               INSERT INTO customer_search (rowid, {", ".join(FOLDED)})
+               VALUES (new.id, {", ".join(f"new.{c}" for c in FOLDED)});
+           END""",
+        f"""CREATE TRIGGER customers_search_changed
+           AFTER UPDATE OF {", ".join(FOLDED[1:])} ON customers
+           WHEN {" OR ".join(f"new.{c} IS NOT old.{c}" for c in FOLDED[1:])}
+           BEGIN
+               INSERT INTO customer_search (customer_search, rowid, {", ".join(FOLDED)})
+               VALUES ('delete', old.id, {", ".join(f"old.{c}" for c in FOLDED)});
+               INSERT INTO customer_search (rowid, {", ".join(FOLDED)})
+               VALUES (new.id, {", ".join(f"new.{c}" for c in FOLDED)});
+           END""",
+        f"""CREATE TRIGGER customers_search_out AFTER DELETE ON customers
+           BEGIN
+               INSERT INTO customer_search (customer_search, rowid, {", ".join(FOLDED)})
+               VALUES ('delete', old.id, {", ".join(f"old.{c}" for c in FOLDED)});
+           END""",
+        "INSERT INTO customer_search (customer_search) VALUES ('rebuild')",
+    ),
 )
 
 SELECTED = ", ".join(COLUMNS)
 
+INSERTED = ("lago_id", *FIELDS, "metadata", *FOLDED, "created_at", "updated_at")
+KEEP_ABSENT = ", ".join(
+    f"{column} = iif(:set_{f}, excluded.{column}, {column})"
+    for f in OPTIONAL_FIELDS
+    for column in (f, f"folded_{f}")
+    if column in INSERTED
+)
 # A key absent from the request keeps the stored value: its :set_<field> flag is 0.
-# lago_id and created_at are only ever written by the insert.
+# lago_id and created_at are only ever written by the insert. Metadata is merged (RFC 7396:
+# json_patch), or emptied when the request's metadata is null.
 UPSERT_MANY = f"""
-INSERT INTO customers (lago_id, {", ".join(FIELDS)}, created_at, updated_at)
-VALUES (:lago_id, {", ".join(":" + f for f in FIELDS)}, :created_at, :updated_at)
+INSERT INTO customers ({", ".join(INSERTED)})
+VALUES ({", ".join(":" + c for c in INSERTED)})
 ON CONFLICT (customer_id) DO UPDATE SET
     name = excluded.name,
-    {", ".join(f"{f} = iif(:set_{f}, excluded.{f}, {f})" for f in OPTIONAL_FIELDS)},
+    folded_name = excluded.folded_name,
+    {KEEP_ABSENT},
+    metadata = CASE
+        WHEN NOT :set_metadata THEN metadata
+        WHEN :metadata_patch IS NULL THEN '{{}}'
+        ELSE json_patch(metadata, :metadata_patch)
+    END,
     updated_at = :now
 """
 
@@ -81,17 +165,28 @@ SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = ?"
 
 DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {SELECTED}"
 
+# WHERE and ORDER BY come from filter_sql() and order_sql().
 SELECT_PAGE = f"""
 SELECT {SELECTED} FROM customers
-ORDER BY created_at DESC, id DESC
+WHERE {{where}}
+ORDER BY {{order}}
 LIMIT :limit OFFSET :offset
 """
 
+SELECT_FILTERED_COUNT = "SELECT count(*) FROM customers WHERE {where}"
+
 SELECT_COUNT = "SELECT n FROM customer_count"
+
+# Metadata keys in code point order, as rows give them (customer_from_row).
+SORTED_METADATA = """(SELECT json_group_object(key, value)
+    FROM (SELECT key, value FROM json_each(customers.metadata) ORDER BY key))"""
+EXPORTED = {"metadata": SORTED_METADATA}
 
 # The export's lines, made by SQLite's own JSON functions: several times faster than Python.
 EXPORT_LINES = f"""
-SELECT json_object('customer', json_object({", ".join(f"'{c}', {c}" for c in COLUMNS)}))
+SELECT json_object('customer', json_object({
+    ", ".join(f"'{c}', {EXPORTED.get(c, c)}" for c in COLUMNS)
+}))
 FROM customers ORDER BY id
 """
 
@@ -117,6 +212,10 @@ FAULTS = {
     "SQLITE_READONLY": ("database_read_only", "the database cannot be written"),
 }
 UNAVAILABLE = ("database_unavailable", "the database is unavailable")
+
+
+class TooManyMetadataKeys(Exception):
+    """The merged metadata would hold more than 50 keys: nothing was written."""
 
 
 class DatabaseMissing(sqlite3.OperationalError):
@@ -261,7 +360,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute("ROLLBACK")
                 continue
             for statement in step:
-                conn.execute(statement)
+                statement(conn) if callable(statement) else conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
@@ -288,15 +387,54 @@ def new_lago_id() -> str:
     return str(uuid.UUID(int=value))
 
 
-def upsert_params(fields: Mapping[str, str | None], now: str) -> dict:
+def fold(text: str | None) -> str | None:
+    """Text as search_term and email compare it: Unicode case folding (``ÉCOLE`` is ``école``;
+    accents stay)."""
+    return None if text is None else text.casefold()
+
+
+def fold_existing(conn: sqlite3.Connection) -> None:
+    """Fill the folded columns of the customers stored before they existed (a migration)."""
+    conn.create_function("fold", 1, fold, deterministic=True)
+    conn.execute(f"UPDATE customers SET {', '.join(f'folded_{f} = fold({f})' for f in SEARCHED)}")
+
+
+def metadata_json(metadata: Mapping) -> str:
+    """Metadata as stored: compact JSON text."""
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+
+
+def metadata_from_text(text: str) -> dict:
+    """Stored metadata as the API gives it: an object, its keys in code point order."""
+    if text == "{}":
+        return {}
+    return dict(sorted(json.loads(text).items()))
+
+
+def customer_from_row(row: sqlite3.Row) -> dict:
+    """A row as the customer object."""
+    customer = dict(row)
+    customer["metadata"] = metadata_from_text(customer["metadata"])
+    return customer
+
+
+def upsert_params(fields: Mapping, now: str) -> dict:
     """The named parameters of UPSERT_CUSTOMER for one validated customer.
 
     ``fields`` may carry lago_id, created_at and updated_at (an import restoring an export):
-    they are used only if the customer is created.
+    they are used only if the customer is created. Its ``metadata`` is a patch (a key set to
+    None removes it), or None to remove every key.
     """
     params = {f: fields.get(f) for f in FIELDS}
     for f in OPTIONAL_FIELDS:
         params["set_" + f] = f in fields
+    for f in SEARCHED:
+        params["folded_" + f] = fold(params[f])
+    patch = fields.get("metadata")
+    params["set_metadata"] = "metadata" in fields
+    params["metadata_patch"] = None if patch is None else metadata_json(patch)
+    created = {k: v for k, v in (patch or {}).items() if v is not None}
+    params["metadata"] = metadata_json(created)
     params["lago_id"] = fields.get("lago_id") or new_lago_id()
     params["created_at"] = fields.get("created_at") or now
     params["updated_at"] = fields.get("updated_at") or now
@@ -310,40 +448,113 @@ UPSERT_PARAMS = tuple(upsert_params({}, ""))
 def sent_fields(params: Mapping) -> dict:
     """The customer that upsert_params was given, back from its parameters."""
     fields = {f: params[f] for f in FIELDS if f in REQUIRED or params["set_" + f]}
+    if params["set_metadata"]:
+        patch = params["metadata_patch"]
+        fields["metadata"] = None if patch is None else json.loads(patch)
     fields.update(lago_id=params["lago_id"], created_at=params["created_at"])
     return fields
 
 
-def upsert_customer(conn: sqlite3.Connection, fields: Mapping[str, str | None]) -> dict:
-    """Create the customer, or update the keys present in ``fields``; return the row."""
-    with write(conn):
-        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
-    return dict(row)
+def refusal(error: sqlite3.IntegrityError) -> dict:
+    """Why the database refused a customer, as the API's error details."""
+    if "too_many_metadata_keys" in str(error):
+        return {"metadata": ["too_many_metadata_keys"]}
+    return {"lago_id": ["lago_id_taken"]}  # a restored lago_id that another customer has
+
+
+def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
+    """Create the customer, or update the keys present in ``fields``; return the row.
+    Raise TooManyMetadataKeys, having written nothing, if the merged metadata is too large."""
+    try:
+        with write(conn):
+            row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+    except sqlite3.IntegrityError as e:
+        if "metadata" in refusal(e):
+            raise TooManyMetadataKeys() from None
+        raise
+    return customer_from_row(row)
 
 
 def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
     """The customer with that id, or None."""
     row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
-    return dict(row) if row else None
+    return customer_from_row(row) if row else None
 
 
 def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
     """Delete the customer and return it as it was, or None if there was none."""
     with write(conn):
         row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
-    return dict(row) if row else None
+    return customer_from_row(row) if row else None
 
 
-def list_customers(conn: sqlite3.Connection, page: int, per_page: int) -> tuple[list[dict], int]:
-    """One page of customers, newest first, and the total count."""
+def filter_sql(filters) -> tuple[str, dict]:
+    """The WHERE condition and its parameters for a list's filters (list_query.Filters)."""
+    conditions, params = [], {}
+    if filters.search is not None:
+        params["search"] = filters.search
+        if len(filters.search) >= 3:  # a phrase of trigrams: the substring, in one field
+            params["search"] = '"' + filters.search.replace('"', '""') + '"'
+            conditions.append(
+                "customers.id IN (SELECT rowid FROM customer_search "
+                "WHERE customer_search MATCH :search)"
+            )
+        else:  # shorter than a trigram: no index can help, each row is looked at
+            conditions.append("(" + " OR ".join(f"instr({c}, :search)" for c in FOLDED) + ")")
+    if filters.customer_id is not None:
+        conditions.append("customer_id = :customer_id")
+        params["customer_id"] = filters.customer_id
+    if filters.email is not None:
+        conditions.append("folded_email = :email")
+        params["email"] = filters.email
+    for column, values in (
+        ("country", filters.countries),
+        ("state", filters.states),
+        ("zipcode", filters.zipcodes),
+    ):
+        if values:
+            names = [f"{column}_{i}" for i in range(len(values))]
+            conditions.append(f"{column} IN ({', '.join(':' + n for n in names)})")
+            params.update(zip(names, values, strict=True))
+    for i, (key, value) in enumerate(filters.metadata.items()):
+        conditions.append(
+            "customers.id IN (SELECT customer FROM customer_metadata "
+            f"WHERE key = :key_{i} AND value = :value_{i})"
+        )
+        params.update({f"key_{i}": key, f"value_{i}": value})
+    for bound, operator in (("gte", ">="), ("lt", "<")):
+        for column in ("created_at", "updated_at"):
+            value = getattr(filters, f"{column}_{bound}")
+            if value is not None:
+                conditions.append(f"{column} {operator} :{column}_{bound}")
+                params[f"{column}_{bound}"] = value
+    return " AND ".join(conditions) or "1", params
+
+
+def order_sql(filters) -> str:
+    """The ORDER BY of a list: its sort column, then the insertion order, the same way."""
+    direction = "DESC" if filters.descending else "ASC"
+    return f"{filters.sort} {direction}, id {direction}"
+
+
+def list_customers(
+    conn: sqlite3.Connection, page: int, per_page: int, filters
+) -> tuple[list[dict], int]:
+    """One page of the customers that ``filters`` select, in its order, and their count."""
     offset = (page - 1) * per_page
+    where, params = filter_sql(filters)
     with conn:
         conn.execute("BEGIN")  # one read transaction, so the page and the count agree
-        total = count_customers(conn)
+        if filters.any():
+            total = conn.execute(SELECT_FILTERED_COUNT.format(where=where), params).fetchone()[0]
+        else:
+            total = count_customers(conn)
         if offset >= total:  # past the end: no scan, and no integer too large for SQLite
             return [], total
-        rows = conn.execute(SELECT_PAGE, {"limit": per_page, "offset": offset}).fetchall()
-    return [dict(r) for r in rows], total
+        page_sql = SELECT_PAGE.format(where=where, order=order_sql(filters))
+        params.update(limit=per_page, offset=offset)
+        rows = conn.execute(page_sql, params).fetchall()
+    return [customer_from_row(r) for r in rows], total
 
 
 def export_lines(conn: sqlite3.Connection) -> Iterator[str]:
@@ -368,10 +579,11 @@ def upsert_batch(conn: sqlite3.Connection, params: list[dict]) -> int:
     return count_customers(conn) - before
 
 
-def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, list[int]]:
+def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, list[tuple]]:
     """Upsert prepared rows (see upsert_params) in one transaction; return how many customers
-    they created, and the positions of the rows refused because their restored lago_id is
-    another customer's (the others are committed)."""
+    they created, and (position, error details) of each row the database refused: a restored
+    lago_id that is another customer's, metadata merged past 50 keys (the others are
+    committed)."""
     try:
         with write(conn):
             begin_write(conn)
@@ -384,8 +596,8 @@ def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, list[
         for position, params in enumerate(rows):
             try:
                 inserted += upsert_batch(conn, [params])
-            except sqlite3.IntegrityError:  # SQLite undoes that statement only
-                refused.append(position)
+            except sqlite3.IntegrityError as e:  # SQLite undoes that statement only
+                refused.append((position, refusal(e)))
     return inserted, refused
 
 

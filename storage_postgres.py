@@ -10,14 +10,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from customers_service.storage import (
     COLUMNS,
-    FIELDS,
+    FOLDED,
+    INSERTED,
     OPTIONAL_FIELDS,
+    SEARCHED,
     UNAVAILABLE,
+    TooManyMetadataKeys,
+    fold,
     upsert_params,
     utc_now,
 )
@@ -89,18 +93,52 @@ MIGRATIONS = (
         "CREATE TABLE health_probe (id integer PRIMARY KEY CHECK (id = 1), checked_at timestamptz)",
         "INSERT INTO health_probe (id, checked_at) VALUES (1, NULL)",
     ),
+    (
+        # Metadata and the list's filters (issue 11). pg_trgm is a trusted extension: the
+        # database's owner may create it.
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+        "ALTER TABLE customers ADD COLUMN metadata jsonb NOT NULL DEFAULT '{}'",
+        "ALTER TABLE customers " + ", ".join(f"ADD COLUMN {c} text" for c in FOLDED),
+        lambda conn: fold_existing(conn),
+        """CREATE FUNCTION customers_metadata_size(jsonb) RETURNS integer
+           LANGUAGE sql IMMUTABLE AS 'SELECT count(*)::integer FROM jsonb_object_keys($1)'""",
+        # SQLite checks the merge with a trigger; here a constraint does.
+        """ALTER TABLE customers ADD CONSTRAINT customers_metadata_keys
+           CHECK (customers_metadata_size(metadata) <= 50)""",
+        "CREATE INDEX customers_recently_updated ON customers (updated_at DESC, id DESC)",
+        "CREATE INDEX customers_by_country ON customers (country, created_at DESC, id DESC)",
+        "CREATE INDEX customers_by_state ON customers (state)",
+        "CREATE INDEX customers_by_zipcode ON customers (zipcode)",
+        "CREATE INDEX customers_by_email ON customers (folded_email)",
+        # SQLite: the customer_metadata table of pairs; here containment (@>) in a GIN index.
+        "CREATE INDEX customers_by_metadata ON customers USING gin (metadata jsonb_path_ops)",
+        # SQLite: the FTS5 trigram table; here pg_trgm, for LIKE '%term%' on the folded fields.
+        "CREATE INDEX customers_search ON customers USING gin ("
+        + ", ".join(f"{c} gin_trgm_ops" for c in FOLDED)
+        + ")",
+    ),
 )
 
 # SQLite: iif(:set_f, excluded.f, f). A key absent from the request keeps the stored value.
 KEEP_ABSENT = ", ".join(
-    f"{f} = CASE WHEN %(set_{f})s THEN excluded.{f} ELSE c.{f} END" for f in OPTIONAL_FIELDS
+    f"{column} = CASE WHEN %(set_{f})s THEN excluded.{column} ELSE c.{column} END"
+    for f in OPTIONAL_FIELDS
+    for column in (f, f"folded_{f}")
+    if column in INSERTED
 )
+# SQLite: json_patch(), which follows RFC 7396; here || then dropping the keys set to null.
 UPSERT_MANY = f"""
-INSERT INTO customers AS c (lago_id, {", ".join(FIELDS)}, created_at, updated_at)
-VALUES (%(lago_id)s, {", ".join(f"%({f})s" for f in FIELDS)}, %(created_at)s, %(updated_at)s)
+INSERT INTO customers AS c ({", ".join(INSERTED)})
+VALUES ({", ".join(f"%({c})s::jsonb" if c == "metadata" else f"%({c})s" for c in INSERTED)})
 ON CONFLICT (customer_id) DO UPDATE SET
     name = excluded.name,
+    folded_name = excluded.folded_name,
     {KEEP_ABSENT},
+    metadata = CASE
+        WHEN NOT %(set_metadata)s THEN c.metadata
+        WHEN %(metadata_patch)s::jsonb IS NULL THEN '{{}}'::jsonb
+        ELSE jsonb_strip_nulls(c.metadata || %(metadata_patch)s::jsonb)
+    END,
     updated_at = %(now)s
 """
 
@@ -115,17 +153,22 @@ DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = %s RETURNING {SELE
 
 # SQLite reads the count and the page in one read transaction; here one statement, one snapshot.
 # LIMIT and OFFSET are written in as numbers: with parameters, the plan psycopg prepares after a
-# few calls is generic, and a generic LIMIT makes PostgreSQL sort the whole table.
+# few calls is generic, and a generic LIMIT makes PostgreSQL sort the whole table. The count is
+# the counter's, or with filters a count(*) of what they select; WHERE and ORDER BY come from
+# filter_sql() and order_sql().
 SELECT_PAGE = f"""
 SELECT total.n AS total_count, page.*
-FROM (SELECT sum(n)::bigint AS n FROM customer_count) total
+FROM ({{count}}) total
 LEFT JOIN LATERAL (
     SELECT {SELECTED} FROM customers
     WHERE {{offset:d}} < total.n  -- a page past the end reads no row (checked once)
-    ORDER BY customers.created_at DESC, customers.id DESC  -- the columns, not the text aliases
+        AND {{where}}
+    ORDER BY {{order}}
     LIMIT {{limit:d}} OFFSET {{offset:d}}
 ) page ON true
 """
+COUNTED = "SELECT sum(n)::bigint AS n FROM customer_count"
+COUNT_FILTERED = "SELECT count(*) AS n FROM customers WHERE {where}"
 
 SELECT_COUNT = "SELECT sum(n)::bigint FROM customer_count"
 
@@ -148,6 +191,9 @@ FAULTS = {
     "25006": ("database_read_only", "the database cannot be written"),  # a standby
     "42P01": UNAVAILABLE,  # undefined table: not migrated
 }
+
+
+METADATA_CONSTRAINT = "customers_metadata_keys"
 
 
 class DatabaseMissing(psycopg.OperationalError):
@@ -224,7 +270,7 @@ def migrate(conn: psycopg.Connection) -> int:
             if conn.execute(SCHEMA_VERSION).fetchone()["coalesce"] >= number:
                 continue
             for statement in step:
-                conn.execute(statement)
+                statement(conn) if callable(statement) else conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
     return len(MIGRATIONS)
 
@@ -246,40 +292,134 @@ def connect_ready(url: str, statement_timeout: float = 5.0) -> psycopg.Connectio
     return conn
 
 
-def upsert_customer(conn: psycopg.Connection, fields: Mapping[str, str | None]) -> dict:
+def fold_existing(conn: psycopg.Connection) -> None:
+    """Fill the folded columns of the customers stored before they existed (a migration)."""
+    update = f"UPDATE customers SET {', '.join(f'{c} = %s' for c in FOLDED)} WHERE id = %s"
+    with conn.cursor(name="customers_to_fold", row_factory=tuple_row) as rows:
+        rows.execute(f"SELECT id, {', '.join(SEARCHED)} FROM customers")
+        while batch := rows.fetchmany(5000):
+            with conn.cursor() as cursor:
+                cursor.executemany(update, [(*map(fold, row[1:]), row[0]) for row in batch])
+
+
+def customer_from_row(row: dict) -> dict:
+    """A row as the customer object: its metadata's keys in code point order, as SQLite's."""
+    if len(row["metadata"]) > 1:
+        row["metadata"] = dict(sorted(row["metadata"].items()))
+    return row
+
+
+def refusal(error: psycopg.IntegrityError) -> dict:
+    """Why the database refused a customer, as the API's error details."""
+    if error.diag.constraint_name == METADATA_CONSTRAINT:
+        return {"metadata": ["too_many_metadata_keys"]}
+    return {"lago_id": ["lago_id_taken"]}  # a restored lago_id that another customer has
+
+
+def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
     """Create the customer, or update the keys present in ``fields``; return the row.
+    Raise TooManyMetadataKeys, having written nothing, if the merged metadata is too large.
 
     One statement in autocommit is its own transaction: execute() returns only once the server
     has committed it (after the result, PostgreSQL commits, then says it is ready), so the row
     it returns is durable, in one round trip instead of three.
     """
-    return conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+    try:
+        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+    except psycopg.errors.CheckViolation as e:
+        if "metadata" in refusal(e):
+            raise TooManyMetadataKeys() from None
+        raise
+    return customer_from_row(row)
 
 
 def get_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
     """The customer with that id, or None (an id with NUL, which no customer has, included)."""
     if "\0" in customer_id:
         return None
-    return conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
+    row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
+    return customer_from_row(row) if row else None
 
 
 def delete_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
     """Delete the customer and return it as it was, or None if there was none."""
     if "\0" in customer_id:
         return None
-    return conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()  # autocommit: see upsert
+    row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()  # autocommit: see upsert
+    return customer_from_row(row) if row else None
 
 
-def list_customers(conn: psycopg.Connection, page: int, per_page: int) -> tuple[list[dict], int]:
-    """One page of customers, newest first, and the total count."""
+def like_pattern(text: str) -> str:
+    """A LIKE pattern that finds ``text`` anywhere, its % and _ plain characters."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def filter_sql(filters) -> tuple[str, dict]:
+    """The WHERE condition and its parameters for a list's filters (list_query.Filters); the
+    same selection as storage.filter_sql."""
+    conditions, params = [], {}
+    if filters.search is not None:
+        conditions.append("(" + " OR ".join(f"{c} LIKE %(search)s" for c in FOLDED) + ")")
+        params["search"] = like_pattern(filters.search)
+    if filters.customer_id is not None:
+        conditions.append("customer_id = %(customer_id)s")
+        params["customer_id"] = filters.customer_id
+    if filters.email is not None:
+        conditions.append("folded_email = %(email)s")
+        params["email"] = filters.email
+    for column, values in (
+        ("country", filters.countries),
+        ("state", filters.states),
+        ("zipcode", filters.zipcodes),
+    ):
+        if values:
+            conditions.append(f"{column} = ANY(%({column})s)")
+            params[column] = list(values)
+    if filters.metadata:
+        conditions.append("metadata @> %(metadata)s::jsonb")
+        params["metadata"] = json.dumps(filters.metadata)
+    for bound, operator in (("gte", ">="), ("lt", "<")):
+        for column in ("created_at", "updated_at"):
+            value = getattr(filters, f"{column}_{bound}")
+            if value is not None:
+                conditions.append(
+                    f"customers.{column} {operator} %({column}_{bound})s::timestamptz"
+                )
+                params[f"{column}_{bound}"] = value
+    return " AND ".join(conditions) or "true", params
+
+
+def order_sql(filters) -> str:
+    """The ORDER BY of a list (on the columns, not the text aliases of SELECTED)."""
+    direction = "DESC" if filters.descending else "ASC"
+    return f"customers.{filters.sort} {direction}, customers.id {direction}"
+
+
+def list_customers(
+    conn: psycopg.Connection, page: int, per_page: int, filters
+) -> tuple[list[dict], int]:
+    """One page of the customers that ``filters`` select, in its order, and their count."""
     offset = (page - 1) * per_page
+    where, params = filter_sql(filters)
     if offset > LARGEST_OFFSET:  # past any end, and past what OFFSET takes
-        return [], count_customers(conn)
-    rows = conn.execute(SELECT_PAGE.format(limit=per_page, offset=offset)).fetchall()
+        count = COUNT_FILTERED.format(where=where) if filters.any() else COUNTED
+        return [], conn.execute(count, params).fetchone()["n"] or 0
+    statement = SELECT_PAGE.format(
+        count=COUNT_FILTERED.format(where=where) if filters.any() else COUNTED,
+        where=where,
+        order=order_sql(filters),
+        limit=per_page,
+        offset=offset,
+    )
+    # Filtered, planned for these very values (unprepared): a rare country and one that half
+    # the customers have want different plans.
+    rows = conn.execute(statement, params, prepare=False if filters.any() else None).fetchall()
     total = rows[0]["total_count"] or 0
     customers = [row for row in rows if row["lago_id"] is not None]  # a page past the end: none
     for row in customers:
         del row["total_count"]
+        customer_from_row(row)
     return customers, total
 
 
@@ -298,19 +438,21 @@ def export_lines(conn: psycopg.Connection) -> Iterator[str]:
             cursor.execute(EXPORT_ROWS)
             for row in cursor:
                 # The same bytes as SQLite's json_object: compact, non-ASCII as it is.
-                yield json.dumps({"customer": row}, ensure_ascii=False, separators=(",", ":"))
+                customer = customer_from_row(row)
+                yield json.dumps({"customer": customer}, ensure_ascii=False, separators=(",", ":"))
 
 
-def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, list[int]]:
+def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, list[tuple]]:
     """Upsert prepared rows (see upsert_params) in one transaction; return how many customers
-    they created, and the positions of the rows refused because their restored lago_id is
-    another customer's (the others are committed)."""
+    they created, and (position, error details) of each row the database refused: a restored
+    lago_id that is another customer's, metadata merged past 50 keys (the others are
+    committed)."""
     try:
         with conn.transaction():
             with conn.cursor() as cursor:
                 cursor.executemany(UPSERT_COUNTED, rows, returning=True)
                 return _inserted(cursor), []
-    except psycopg.errors.UniqueViolation:
+    except (psycopg.errors.UniqueViolation, psycopg.errors.CheckViolation):
         pass
     inserted, refused = 0, []
     with conn.transaction(), conn.cursor() as cursor:
@@ -319,8 +461,8 @@ def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, list[
                 with conn.transaction():  # a savepoint: PostgreSQL undoes this row only
                     cursor.execute(UPSERT_COUNTED, params)
                     inserted += cursor.fetchone()["inserted"]
-            except psycopg.errors.UniqueViolation:
-                refused.append(position)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.CheckViolation) as e:
+                refused.append((position, refusal(e)))
     return inserted, refused
 
 
