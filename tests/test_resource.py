@@ -330,6 +330,7 @@ DOCUMENTED_ORDER = [
     "logo_url",
     "legal_name",
     "legal_number",
+    "metadata",
     "created_at",
     "updated_at",
 ]

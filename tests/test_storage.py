@@ -11,6 +11,7 @@ import time
 import pytest
 
 from customers_service import storage
+from customers_service.list_query import NO_FILTERS, Filters
 
 ALICE = {"customer_id": "alice", "name": "Alice", "country": "FR", "email": "a@example.com"}
 
@@ -41,13 +42,13 @@ def test_list_is_newest_first_with_a_maintained_count(conn):
     for i in range(5):
         storage.upsert_customer(conn, {"customer_id": f"c{i}", "name": "N"})
     storage.upsert_customer(conn, {"customer_id": "c0", "name": "updated, not new"})
-    rows, total = storage.list_customers(conn, page=1, per_page=2)
+    rows, total = storage.list_customers(conn, page=1, per_page=2, filters=NO_FILTERS)
     assert [r["customer_id"] for r in rows] == ["c4", "c3"]
     assert total == 5
-    rows, _ = storage.list_customers(conn, page=3, per_page=2)
+    rows, _ = storage.list_customers(conn, page=3, per_page=2, filters=NO_FILTERS)
     assert [r["customer_id"] for r in rows] == ["c0"]
     storage.delete_customer(conn, "c1")
-    assert storage.list_customers(conn, page=9, per_page=2) == ([], 4)
+    assert storage.list_customers(conn, page=9, per_page=2, filters=NO_FILTERS) == ([], 4)
 
 
 def test_export_lines_are_the_api_objects_oldest_first(conn):
@@ -113,7 +114,9 @@ def test_rows_have_exactly_the_customer_objects_keys(conn):
     row = storage.upsert_customer(conn, ALICE)
     assert list(row) == list(storage.COLUMNS)
     assert set(storage.COLUMNS) == set(CustomerSchema().fields)
-    assert all(value is None or isinstance(value, str) for value in row.values())
+    text = {column: value for column, value in row.items() if column != "metadata"}
+    assert all(value is None or isinstance(value, str) for value in text.values())
+    assert row["metadata"] == {}
 
 
 def test_a_frozen_holder_of_the_fsync_lock_delays_a_write_only_briefly(tmp_path):
@@ -142,8 +145,25 @@ def test_a_database_of_the_first_version_is_migrated_with_its_data(tmp_path):
             "INSERT INTO customers (lago_id, customer_id, name, created_at, updated_at) "
             "VALUES ('l-1', 'kept', 'Kept', '2022-04-29T08:59:51Z', '2022-04-29T08:59:51Z')"
         )
+        old.execute(
+            "INSERT INTO customers (lago_id, customer_id, name, email, created_at, updated_at) "
+            "VALUES ('l-2', 'ÉCOLE-2', 'Straße', 'Ö@X.EXAMPLE', '2022-04-29T08:59:52Z', "
+            "'2022-04-29T08:59:52Z')"
+        )
     conn = storage.connect(path)
     assert storage.migrate(conn) == len(storage.MIGRATIONS)
     assert storage.get_customer(conn, "kept")["name"] == "Kept"
-    assert storage.list_customers(conn, 1, 20)[1] == 1
+    assert storage.get_customer(conn, "kept")["metadata"] == {}
+    assert storage.list_customers(conn, 1, 20, NO_FILTERS)[1] == 2
     storage.check(conn)  # the probe table of version 2 is there
+    # Version 3's folded copies and indexes cover the customers stored before it.
+    for filters in (
+        Filters(search=storage.fold("école")),
+        Filters(search=storage.fold("STRASSE")),
+        Filters(email=storage.fold("ö@x.example")),
+    ):
+        customers, total = storage.list_customers(conn, 1, 20, filters)
+        assert [c["customer_id"] for c in customers] == ["ÉCOLE-2"] and total == 1
+    storage.upsert_customer(conn, {"customer_id": "kept", "name": "Kept", "metadata": {"a": "1"}})
+    customers, _ = storage.list_customers(conn, 1, 20, Filters(metadata={"a": "1"}))
+    assert [c["customer_id"] for c in customers] == ["kept"]

@@ -9,7 +9,7 @@ from conftest import API_KEY, AUTH, SEED, post_customer
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-OBJECT_KEYS = {"lago_id", *SEED, "created_at", "updated_at"}
+OBJECT_KEYS = {"lago_id", *SEED, "metadata", "created_at", "updated_at"}
 
 
 def error_body(status: int, error: str, code: str, **extra) -> dict:
