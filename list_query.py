@@ -11,8 +11,7 @@ from werkzeug.datastructures import MultiDict
 from customers_service.responses import ApiError
 from customers_service.schemas import (
     COUNTRY_PATTERN,
-    METADATA_KEY_LENGTH,
-    METADATA_KEY_PATTERN,
+    METADATA_KEY_SCHEMA,
     METADATA_VALUE_LENGTH,
     TOO_LONG,
     CountryCode,
@@ -173,11 +172,7 @@ METADATA_PARAMETER_DOC = {
     "`VALUE`. Several keys select customers that have them all.",
     "schema": {
         "type": "object",
-        "propertyNames": {
-            "minLength": 1,
-            "maxLength": METADATA_KEY_LENGTH,
-            "pattern": METADATA_KEY_PATTERN,
-        },
+        "propertyNames": METADATA_KEY_SCHEMA,
         "additionalProperties": {
             "type": "string",
             "maxLength": METADATA_VALUE_LENGTH,

@@ -36,6 +36,8 @@ ERROR_DESCRIPTIONS = {
     401: "`unauthorized`: no API key, or a wrong one.",
     404: "`customer_not_found`.",
     413: "`payload_too_large`: the body is over the limit (64 KiB by default).",
+    414: "The request line is longer than the server takes (gunicorn: 8,190 bytes), a long "
+    "list of filter values, say. Gunicorn answers this itself, with its own HTML page.",
     415: "`unsupported_media_type`: the body is not sent as application/json.",
     422: "`validation_errors`: `error_details` maps each field to its error codes.",
     500: "`internal_error`, logged with the request id.",
@@ -73,7 +75,7 @@ OPERATIONS = {
         "combine with AND; the values of one repeated filter with OR. Any other parameter, or "
         "a single-valued one repeated, is `400 invalid_filters`.",
         None,
-        (400, 401, 503),
+        (400, 401, 414, 503),
     ),
     "customers.get_customer": ("get", "Get a customer", "", None, (401, 404, 503)),
     "customers.delete_customer": (
@@ -134,12 +136,18 @@ def _response(description: str, media_type: str, schema, *headers: str) -> dict:
 def _error_responses(statuses: tuple[int, ...]) -> dict:
     """The error responses of one operation, each in the error envelope."""
     extra = {401: ("WWW-Authenticate",), 503: ("Retry-After",)}
-    return {
+    responses = {
         str(status): _response(
             ERROR_DESCRIPTIONS[status], "application/json", "Error", *extra.get(status, ())
         )
         for status in (*statuses, 500)
     }
+    if "414" in responses:  # not ours: the server's page, without our headers
+        responses["414"] = {
+            "description": ERROR_DESCRIPTIONS[414],
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }
+    return responses
 
 
 def _operation(endpoint: str) -> dict:
@@ -216,7 +224,11 @@ def build_openapi(app: Flask) -> dict:
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
     # Unknown keys are refused unless null (Lago clients send their whole model): say so exactly.
-    document["components"]["schemas"]["CustomerInput"]["additionalProperties"] = {"type": "null"}
+    components = document["components"]["schemas"]
+    components["CustomerInput"]["additionalProperties"] = {"type": "null"}
+    # apispec passes on no propertyNames: the metadata key rules are added here.
+    for name in ("Customer", "CustomerInput"):
+        components[name]["properties"]["metadata"]["propertyNames"] = schemas.METADATA_KEY_SCHEMA
     return document
 
 

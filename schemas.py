@@ -152,6 +152,14 @@ def metadata_value_errors(value) -> list[str]:
 METADATA_KEY_PATTERN = f"^[^\\[\\]\\u0000]*[^{WHITE_SPACE}\\[\\]\\u0000][^\\[\\]\\u0000]*$"
 
 
+# The key rules as JSON Schema, for the OpenAPI document (which apispec leaves to openapi.py).
+METADATA_KEY_SCHEMA = {
+    "minLength": 1,
+    "maxLength": METADATA_KEY_LENGTH,
+    "pattern": METADATA_KEY_PATTERN,
+}
+
+
 class Metadata(fields.Field):
     """Metadata as the upsert takes it: an object, merged into the stored one (RFC 7396: a key
     set to null is removed), or null to remove every key. Every error is listed under the one
@@ -237,11 +245,6 @@ class CustomerSchema(Schema):
             {"crm_id": "48213", "plan": "pro"},
             type="object",
             maxProperties=METADATA_KEYS,
-            propertyNames={
-                "minLength": 1,
-                "maxLength": METADATA_KEY_LENGTH,
-                "pattern": METADATA_KEY_PATTERN,
-            },
             additionalProperties={
                 "type": ["string", "null"],
                 "maxLength": METADATA_VALUE_LENGTH,

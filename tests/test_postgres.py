@@ -28,6 +28,8 @@ from conftest import (
 
 from customers_service import database, storage_postgres
 from customers_service.app import create_app
+from customers_service.list_query import Filters
+from customers_service.storage import fold
 
 
 def flask_command(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -68,6 +70,33 @@ def test_three_hosts_starting_together_apply_each_migration_once(postgres):
     assert sorted(versions) == list(range(1, len(storage_postgres.MIGRATIONS) + 1))
     assert triggers == 1
     postgres.drop_database(name)
+
+
+def test_a_database_of_the_first_version_is_migrated_with_its_data(postgres):
+    name = postgres.new_database(migrated=False)
+    conn = storage_postgres.connect(postgres.url(name))
+    try:
+        with conn.transaction():  # as the first PostgreSQL version of this service left it
+            conn.execute(storage_postgres.CREATE_MIGRATIONS_TABLE)
+            for statement in storage_postgres.MIGRATIONS[0]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (1)")
+        conn.execute(
+            "INSERT INTO customers (lago_id, customer_id, name, email, created_at, updated_at) "
+            "VALUES (gen_random_uuid(), 'ÉCOLE-2', 'Straße', 'Ö@X.EXAMPLE', now(), now())"
+        )
+        assert storage_postgres.migrate(conn) == len(storage_postgres.MIGRATIONS)
+        assert storage_postgres.get_customer(conn, "ÉCOLE-2")["metadata"] == {}
+        for filters in (
+            Filters(search=fold("école")),
+            Filters(search=fold("STRASSE")),
+            Filters(email=fold("ö@x.example")),
+        ):
+            customers, total = storage_postgres.list_customers(conn, 1, 20, filters)
+            assert [c["customer_id"] for c in customers] == ["ÉCOLE-2"] and total == 1
+    finally:
+        conn.close()
+        postgres.drop_database(name)
 
 
 def test_service_sessions_commit_synchronously_whatever_the_database_default(postgres):
@@ -167,6 +196,7 @@ def test_answers_are_the_same_bytes_on_both_backends(postgres, tmp_path):
                 "lago_id": f"0190a3c4-5b6d-7e8f-9a0b-1c2d3e4f{i:04d}",
                 "created_at": f"2022-04-29T08:59:{i:02d}Z",
                 "updated_at": "2023-01-02T03:04:05Z",
+                "metadata": {"plan": f"p{i % 3}", "Zé": "ü «x»", "a": str(i)} if i % 2 else {},
             }
         }
         for i in range(30)
@@ -188,6 +218,7 @@ def test_answers_are_the_same_bytes_on_both_backends(postgres, tmp_path):
             client.get("/api/v1/customers?page=2&per_page=7", headers=AUTH).data,
             client.delete("/api/v1/customers/same-3", headers=AUTH).data,
             client.get("/api/v1/customers?per_page=100", headers=AUTH).data,
+            client.get("/api/v1/customers?metadata[plan]=p1&search_term=ZO", headers=AUTH).data,
         ]
         database.close_connections()
     assert answers["sqlite"] == answers["postgres"]
@@ -200,6 +231,7 @@ def test_export_from_sqlite_piped_into_import_on_postgres_moves_every_column(pos
     client = app.test_client()
     for i in range(250):
         customer = {**SEED, "customer_id": f"move-{i}", "city": None if i % 3 else "Café"}
+        customer["metadata"] = {"crm_id": str(i), "région": "Île"} if i % 4 else {}
         assert post_customer(client, customer).status_code == 200
     name = postgres.new_database(migrated=False)
     pg_env = {"CUSTOMERS_DATABASE_URL": postgres.url(name)}

@@ -85,8 +85,10 @@ LAGO_SCRIPT = textwrap.dedent(
         bad_country = "accepted"
     except LagoApiError as e:
         bad_country = str(e)
+    found = client.customers().find("lago-1")
     print(json.dumps({
         "created": created.dict(), "updated": updated.dict(), "bad_country": bad_country,
+        "found": found.dict(),
     }))
     """
 )
@@ -101,6 +103,13 @@ def lago_client_python():
 
 
 def test_lagos_python_client_of_2022_works_unchanged(server, lago_client_python):
+    """It knows no metadata: a customer's metadata set through the API survives its updates
+    (it sends every field of its model, never metadata), and its reads ignore it."""
+    requests.post(
+        server.url + "/api/v1/customers",
+        json={"customer": {"customer_id": "lago-1", "name": "G", "metadata": {"crm_id": "7"}}},
+        headers=AUTH,
+    ).raise_for_status()
     result = subprocess.run(
         [str(lago_client_python), "-c", LAGO_SCRIPT, server.url, API_KEY],
         capture_output=True,
@@ -118,6 +127,9 @@ def test_lagos_python_client_of_2022_works_unchanged(server, lago_client_python)
     assert out["updated"]["country"] is None
     assert "Status code: 422" in out["bad_country"]
     assert "not_a_valid_country_code" in out["bad_country"]
+    assert out["found"] == out["updated"]
+    stored = requests.get(server.url + "/api/v1/customers/lago-1", headers=AUTH).json()
+    assert stored["customer"]["metadata"] == {"crm_id": "7"}
 
 
 def test_importing_wsgi_opens_no_database(tmp_path):
