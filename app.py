@@ -7,7 +7,6 @@ import time
 import click
 from flask import Blueprint, Flask, current_app, g, request, send_from_directory
 from marshmallow import ValidationError
-from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
@@ -214,14 +213,14 @@ def openapi_document():
 
 @bp.get("/docs", provide_automatic_options=False)
 def docs():
-    """The interactive API page (Swagger UI, served from the swagger-ui-bundle package)."""
+    """The interactive API page (Swagger UI, served from the swagger-ui-py package)."""
     return openapi.docs_page()
 
 
 @bp.get("/docs/assets/<path:filename>", provide_automatic_options=False)
 def docs_asset(filename: str):
     """One of Swagger UI's static files."""
-    return send_from_directory(swagger_ui_path, filename)
+    return send_from_directory(openapi.SWAGGER_UI_ASSETS, filename)
 
 
 # --- the standalone app ----------------------------------------------------------------------

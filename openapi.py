@@ -1,12 +1,20 @@
 """The OpenAPI document, built by apispec from the Marshmallow schemas and the app's URL map,
 and the docs page that renders it."""
 
+import importlib.util
+import os
+
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, render_template_string, url_for
 
 from customers_service import list_query, schemas
 from customers_service.api_keys import PUBLIC_ENDPOINTS
+
+# Swagger UI's files, from the swagger-ui-py package (found, not imported: only its files serve).
+SWAGGER_UI_ASSETS = os.path.join(
+    importlib.util.find_spec("swagger_ui").submodule_search_locations[0], "static"
+)
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
