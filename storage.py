@@ -1,6 +1,7 @@
 """SQLite storage of customers: plain SQL in a few functions that take a connection first."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -165,15 +166,17 @@ SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = ?"
 
 DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {SELECTED}"
 
-# WHERE and ORDER BY come from filter_sql() and order_sql().
+# WHERE and ORDER BY come from filter_sql() and order_sql(); the table may name the index to walk.
 SELECT_PAGE = f"""
-SELECT {SELECTED} FROM customers
+SELECT {SELECTED} FROM {{table}}
 WHERE {{where}}
 ORDER BY {{order}}
 LIMIT :limit OFFSET :offset
 """
 
 SELECT_FILTERED_COUNT = "SELECT count(*) FROM customers WHERE {where}"
+COUNT_SEARCH = "SELECT count(*) FROM customer_search WHERE customer_search MATCH ?"
+COUNT_PAIR = "SELECT count(*) FROM customer_metadata WHERE key = ? AND value = ?"
 
 SELECT_COUNT = "SELECT n FROM customer_count"
 
@@ -488,18 +491,23 @@ def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
     return customer_from_row(row) if row else None
 
 
-def filter_sql(filters) -> tuple[str, dict]:
-    """The WHERE condition and its parameters for a list's filters (list_query.Filters)."""
+def filter_sql(filters, walk: bool = False) -> tuple[str, dict]:
+    """The WHERE condition and its parameters for a list's filters (list_query.Filters).
+
+    By default the search and metadata filters find their rows through their indexes (the FTS5
+    table, the pairs). With ``walk`` they test each row instead, for a page read by walking the
+    sort's index: cheaper when the filters select so many rows that the page fills quickly.
+    """
     conditions, params = [], {}
     if filters.search is not None:
         params["search"] = filters.search
-        if len(filters.search) >= 3:  # a phrase of trigrams: the substring, in one field
+        if len(filters.search) >= 3 and not walk:  # a phrase of trigrams: the substring
             params["search"] = '"' + filters.search.replace('"', '""') + '"'
             conditions.append(
                 "customers.id IN (SELECT rowid FROM customer_search "
                 "WHERE customer_search MATCH :search)"
             )
-        else:  # shorter than a trigram: no index can help, each row is looked at
+        else:  # shorter than a trigram, or walking: each row is looked at
             conditions.append("(" + " OR ".join(f"instr({c}, :search)" for c in FOLDED) + ")")
     if filters.customer_id is not None:
         conditions.append("customer_id = :customer_id")
@@ -516,11 +524,15 @@ def filter_sql(filters) -> tuple[str, dict]:
             names = [f"{column}_{i}" for i in range(len(values))]
             conditions.append(f"{column} IN ({', '.join(':' + n for n in names)})")
             params.update(zip(names, values, strict=True))
+    pair = "customer = customers.id AND key = :key_{0} AND value = :value_{0}"
     for i, (key, value) in enumerate(filters.metadata.items()):
-        conditions.append(
-            "customers.id IN (SELECT customer FROM customer_metadata "
-            f"WHERE key = :key_{i} AND value = :value_{i})"
-        )
+        if walk:
+            conditions.append(f"EXISTS (SELECT 1 FROM customer_metadata WHERE {pair.format(i)})")
+        else:
+            conditions.append(
+                "customers.id IN (SELECT customer FROM customer_metadata "
+                f"WHERE key = :key_{i} AND value = :value_{i})"
+            )
         params.update({f"key_{i}": key, f"value_{i}": value})
     for bound, operator in (("gte", ">="), ("lt", "<")):
         for column in ("created_at", "updated_at"):
@@ -529,6 +541,9 @@ def filter_sql(filters) -> tuple[str, dict]:
                 conditions.append(f"{column} {operator} :{column}_{bound}")
                 params[f"{column}_{bound}"] = value
     return " AND ".join(conditions) or "1", params
+
+
+SORT_INDEXES = {"created_at": "customers_newest_first", "updated_at": "customers_recently_updated"}
 
 
 def order_sql(filters) -> str:
@@ -542,19 +557,49 @@ def list_customers(
 ) -> tuple[list[dict], int]:
     """One page of the customers that ``filters`` select, in its order, and their count."""
     offset = (page - 1) * per_page
-    where, params = filter_sql(filters)
     with conn:
         conn.execute("BEGIN")  # one read transaction, so the page and the count agree
-        if filters.any():
-            total = conn.execute(SELECT_FILTERED_COUNT.format(where=where), params).fetchone()[0]
-        else:
-            total = count_customers(conn)
+        everyone = count_customers(conn)
+        total = count_selected(conn, filters) if filters.any() else everyone
         if offset >= total:  # past the end: no scan, and no integer too large for SQLite
             return [], total
-        page_sql = SELECT_PAGE.format(where=where, order=order_sql(filters))
-        params.update(limit=per_page, offset=offset)
-        rows = conn.execute(page_sql, params).fetchall()
+        rows = conn.execute(*page_query(filters, offset, per_page, total, everyone)).fetchall()
     return [customer_from_row(r) for r in rows], total
+
+
+def count_selected(conn: sqlite3.Connection, filters) -> int:
+    """How many customers the filters select.
+
+    A search term or one metadata pair alone is counted in its own index: every row there is a
+    customer's (the triggers keep them so), and looking each customer up would cost more than
+    the count itself (a search in 10% of 1,000,000 customers: 45 ms against 250 ms).
+    """
+    alone = dataclasses.replace(filters, search=None, metadata={})
+    if not alone.any() and filters.search is not None and len(filters.search) >= 3:
+        if not filters.metadata:
+            phrase = '"' + filters.search.replace('"', '""') + '"'
+            return conn.execute(COUNT_SEARCH, (phrase,)).fetchone()[0]
+    if not alone.any() and filters.search is None and len(filters.metadata) == 1:
+        ((key, value),) = filters.metadata.items()
+        return conn.execute(COUNT_PAIR, (key, value)).fetchone()[0]
+    where, params = filter_sql(filters)
+    return conn.execute(SELECT_FILTERED_COUNT.format(where=where), params).fetchone()[0]
+
+
+def page_query(filters, offset: int, limit: int, total: int, everyone: int) -> tuple[str, dict]:
+    """The statement of a page and its parameters, knowing how many rows the filters select.
+
+    Walking the sort's index and testing each row reads about (offset + limit) x everyone /
+    total rows; finding the selected rows through the filters' indexes and sorting them reads
+    about total rows. SQLite's planner cannot weigh that (it has no statistics unless ANALYZE
+    ran), so the cheaper is chosen here.
+    """
+    table, walk = "customers", False
+    if filters.any() and (offset + limit) * everyone < total * total:
+        table, walk = f"customers INDEXED BY {SORT_INDEXES[filters.sort]}", True
+    where, params = filter_sql(filters, walk=walk)
+    params.update(limit=limit, offset=offset)
+    return SELECT_PAGE.format(table=table, where=where, order=order_sql(filters)), params
 
 
 def export_lines(conn: sqlite3.Connection) -> Iterator[str]:

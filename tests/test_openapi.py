@@ -147,6 +147,8 @@ def test_docs_assets_are_served_locally(client):
 def test_schemathesis_finds_nothing_against_a_live_gunicorn(server):
     command = [
         str(Path(ROOT / ".venv" / "bin" / "st")),
+        "--config-file",
+        str(ROOT / "tests" / "schemathesis.toml"),
         "run",
         server.url + "/api/v1/openapi.json",
         "--header",
