@@ -432,3 +432,42 @@ def all_pages(client, query: str) -> list[bytes]:
         pages.append(response.data)
         page = response.get_json()["meta"]["next_page"]
     return pages
+
+
+def test_sqlites_two_ways_to_a_page_and_its_counts_agree(tmp_path, db_path):
+    """SQLite reads a page through the filters' indexes or by walking the sort's index, and
+    counts a lone search term or metadata pair in its own index: each way, the same answer."""
+    from customers_service import storage
+    from customers_service.list_query import Filters
+
+    conn = storage.connect(str(db_path), create=True)
+    storage.migrate(conn)
+    with conn:
+        storage.upsert_batch(
+            conn, [storage.upsert_params(p, "2022-01-01T00:00:00Z") for p in random_people(300)]
+        )
+    cases = [
+        Filters(search=storage.fold("école")),
+        Filters(search=storage.fold("acme"), countries=("FR", "DE")),
+        Filters(search="é"),
+        Filters(metadata={"plan": "a"}),
+        Filters(metadata={"plan": "a", "tier": "b"}, sort="updated_at", descending=False),
+        Filters(metadata={"Plan": "c"}, search=storage.fold("zoë")),
+        Filters(states=("CA",), zipcodes=("10115",)),
+    ]
+    for filters in cases:
+        orders = []
+        for walk in (False, True):
+            where, params = storage.filter_sql(filters, walk=walk)
+            order = storage.order_sql(filters)
+            query = f"SELECT customer_id FROM customers WHERE {where} ORDER BY {order}"
+            orders.append([row[0] for row in conn.execute(query, params)])
+        assert orders[0] == orders[1], filters
+        assert 0 < len(orders[0]) < 300, filters
+        assert storage.count_selected(conn, filters) == len(orders[0]), filters
+        everyone = storage.count_customers(conn)
+        for offset in (0, 7, len(orders[0]) - 1):
+            sql, params = storage.page_query(filters, offset, 5, len(orders[0]), everyone)
+            page = [row["customer_id"] for row in conn.execute(sql, params)]
+            assert page == orders[0][offset : offset + 5], filters
+    conn.close()
