@@ -77,9 +77,14 @@ emails = st.from_regex(
 urls = st.from_regex(
     r"https?://[a-z0-9]{1,20}(\.[a-z]{2,6})?(:[0-9]{2,5})?(/[\w.~-]{0,30})*", fullmatch=True
 )
+metadata_keys = st.text(no_nul, min_size=1, max_size=40).filter(
+    lambda key: key.strip() and not {"[", "]"} & set(key)
+)
+metadatas = st.dictionaries(metadata_keys, st.text(no_nul, max_size=500), max_size=5)
 valid_customers = st.fixed_dictionaries(
     {"customer_id": non_blank, "name": non_blank},
     optional={
+        "metadata": st.none() | metadatas,
         "country": st.none() | countries,
         "email": st.none() | emails,
         "url": st.none() | urls,
@@ -104,7 +109,17 @@ def test_every_valid_customer_round_trips_exactly(client, customer):
     expected = {**customer}
     if customer.get("country"):
         expected["country"] = customer["country"].upper()
+    if "metadata" in customer:
+        expected["metadata"] = customer["metadata"] or {}
     assert {k: stored[k] for k in customer} == expected
+    # The list finds it by its whole name, and by each of its metadata pairs.
+    by_id = "customer_id=" + quote(customer["customer_id"], safe="")
+    queries = ["search_term=" + quote(customer["name"], safe="")]
+    for key, value in (customer.get("metadata") or {}).items():
+        queries.append(f"metadata[{quote(key, safe='')}]={quote(value, safe='')}")
+    for query in queries:
+        listed = client.get(f"/api/v1/customers?{by_id}&{query}", headers=AUTH)
+        assert listed.get_json()["meta"]["total_count"] == 1, (query, listed.get_json())
     client.delete("/api/v1/customers/" + quote(customer["customer_id"], safe=""), headers=AUTH)
 
 
