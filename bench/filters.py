@@ -240,7 +240,8 @@ def main() -> None:
         print("|---|---|---|" + "---|" * len(apps))
         for name, query, selects in QUERIES:
             cells = [f"{results[(name, b)][0]:.1f} / {results[(name, b)][1]:.1f}" for b in apps]
-            print(f"| {name} | `{query}` | {selects} | " + " | ".join(cells) + " |")
+            counted = f"{selected[name]:,} ({selects})"
+            print(f"| {name} | `{query}` | {counted} | " + " | ".join(cells) + " |")
         print(json.dumps({f"{n}/{b}": v for (n, b), v in results.items()}), file=sys.stderr)
         if args.explain:
             for name, query, _ in QUERIES:
