@@ -54,6 +54,11 @@ def csv_rows(stream) -> Iterator[tuple[int, object, dict | None]]:
 
 def _csv_records(reader: csv.DictReader) -> Iterator[tuple[int, object, dict | None]]:
     """(line number, customer, parse errors) for each record of a CSV reader."""
+    try:
+        reader.fieldnames  # noqa: B018 (read the header now: the line numbers then count it)
+    except csv.Error:
+        yield 1, None, {"_row": ["invalid_csv"]}
+        return
     while True:
         number = reader.line_num + 1
         try:
@@ -75,12 +80,14 @@ def _csv_records(reader: csv.DictReader) -> Iterator[tuple[int, object, dict | N
 
 
 def _metadata_cell_parsed(customer: dict) -> bool:
-    """Replace a CSV record's metadata cell by the JSON it holds; False if it holds none."""
+    """Replace a CSV record's metadata cell by the JSON it holds, as strictly as a request
+    body is read (no duplicate keys, lone surrogates or runaway nesting); False if it is not
+    such JSON."""
     if customer.get("metadata") is None:
         return True
     try:
-        customer["metadata"] = json.loads(customer["metadata"])
-    except ValueError:
+        customer["metadata"] = parse_json(customer["metadata"].encode("utf-8"))
+    except ApiError:
         return False
     return True
 

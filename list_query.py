@@ -12,6 +12,7 @@ from customers_service.responses import ApiError
 from customers_service.schemas import (
     COUNTRY_PATTERN,
     METADATA_KEY_SCHEMA,
+    METADATA_KEYS,
     METADATA_VALUE_LENGTH,
     TOO_LONG,
     CountryCode,
@@ -62,19 +63,23 @@ class PaginationSchema(Schema):
 def utc_bound(text: str) -> str:
     """An RFC 3339 time as the stored timestamps are written (whole seconds, UTC), rounded up
     to the next whole second (stored times are whole seconds, so ``>=`` and ``<`` keep their
-    meaning), or BEFORE_ALL / AFTER_ALL when it is past what a timestamp can hold."""
+    meaning; a leap second ``:60`` is the next minute's start), or BEFORE_ALL / AFTER_ALL when
+    it is past what a timestamp can hold."""
     match = TIME_FILTER.fullmatch(text)
     if match is None:
         raise ValidationError("invalid_timestamp")
     day, clock, fraction, offset = match.groups()
+    leap = clock.endswith(":60")
     try:
-        moment = datetime.datetime.fromisoformat(f"{day}T{clock}{offset.upper()}")
+        moment = datetime.datetime.fromisoformat(
+            f"{day}T{clock[:-2] + '59' if leap else clock}{offset.upper()}"
+        )
     except ValueError:
         raise ValidationError("invalid_timestamp") from None
+    later = leap or bool(fraction and fraction.strip("0"))
     try:
-        if fraction and fraction.strip("0"):
-            moment += datetime.timedelta(seconds=1)
         moment = moment.astimezone(datetime.UTC)
+        moment += datetime.timedelta(seconds=1 if later else 0)
     except OverflowError:
         return AFTER_ALL if moment.year == 9999 else BEFORE_ALL
     return moment.replace(tzinfo=None).isoformat() + "Z"
@@ -279,7 +284,11 @@ def _codes_by_parameter(messages: dict) -> dict[str, list[str]]:
 
 
 def _filters(loaded: dict, metadata: dict) -> Filters | None:
-    """Filters from the loaded parameters, or None if a time bound selects nothing."""
+    """Filters from the loaded parameters, or None if they select nothing whatever is stored:
+    a time bound past the end of time, or more metadata pairs than a customer may hold keys
+    (SQLite would also refuse a condition that long)."""
+    if len(metadata) > METADATA_KEYS:
+        return None
     bounds = {}
     for name in ("created_at_gte", "created_at_lt", "updated_at_gte", "updated_at_lt"):
         value = loaded.get(name)

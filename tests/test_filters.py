@@ -190,6 +190,9 @@ TIME_SELECTIONS = [
     ("created_at[lt]=0001-01-01T00:00:00%2B01:00", set()),
     ("created_at[gte]=9999-12-31T23:59:59.5Z", set()),  # after 9999 in UTC
     ("created_at[lt]=9999-12-31T23:00:00-05:00", set(PEOPLE)),
+    ("created_at[lt]=2022-01-31T23:59:60Z", {"p1", "p2"}),  # a leap second: before 02-01
+    ("created_at[gte]=2022-01-31T23:59:60Z", {"p3", "p4", "p5", "p6"}),
+    ("created_at[gte]=2022-02-01T04:59:59.5%2B05:00", {"p3", "p4", "p5", "p6"}),  # UTC, then up
 ]
 
 
@@ -212,6 +215,18 @@ def test_sort_by_updated_at_with_updated_at_gte_syncs_changes_since_a_time(clien
     post_customer(client, {"customer_id": "p3", "name": "Changed"})  # updated now
     ids, _ = listed(client, "sort=updated_at&updated_at[gte]=2022-04-01T00:00:00Z")
     assert ids == ["p5", "p6", "p1", "p4", "p3"]
+
+
+def test_more_metadata_pairs_than_a_customer_may_hold_select_nobody(client):
+    load_people(client)
+    pairs = "&".join(f"metadata[k{i}]=v" for i in range(120))
+    ids, meta = listed(client, pairs)
+    assert ids == [] and meta["total_count"] == 0
+    fifty = "&".join(f"metadata[k{i}]=v" for i in range(50))
+    post_customer(
+        client, {"customer_id": "m", "name": "M", "metadata": {f"k{i}": "v" for i in range(50)}}
+    )
+    assert selected(client, fifty) == {"m"}
 
 
 def test_filters_follow_updates_and_deletes(client):

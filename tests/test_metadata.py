@@ -283,6 +283,22 @@ def test_import_jsonl_and_csv_carry_metadata_and_merge_it(runner, client, tmp_pa
     assert get(client, "c3")["metadata"] == {}
 
 
+def test_a_csv_metadata_cell_is_read_as_strictly_as_a_body(runner, client, tmp_path):
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text(
+        "customer_id,name,metadata\n"
+        'c1,One,"{""k"": ""\\ud800""}"\n'  # a lone surrogate
+        'c2,Two,"{""k"": ""a"", ""k"": ""b""}"\n'  # a duplicate key
+        f"c3,Three,{'[' * 5000}\n"  # runaway nesting
+        'c4,Four,"{""k"": ""ok""}"\n'
+    )
+    result = invoke(runner, "import", str(csv_file))
+    assert result.stdout.startswith("1 inserted, 0 updated, 3 rejected"), result.output
+    for line in (2, 3, 4):
+        assert f'line {line}: rejected: {{"metadata": ["invalid_json"]}}' in result.stderr
+    assert get(client, "c4")["metadata"] == {"k": "ok"}
+
+
 def test_an_import_merging_past_fifty_keys_rejects_that_row_only(runner, client, tmp_path):
     upsert(client, {f"old{i}": "v" for i in range(30)})
     path = tmp_path / "in.jsonl"
