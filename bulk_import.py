@@ -3,6 +3,7 @@ processes, and committed in batches with a report of what was refused."""
 
 import collections
 import csv
+import ctypes
 import io
 import json
 import os
@@ -141,9 +142,20 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C is the main process's to handle: it rolls back the batch and reports.
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+
+
+def _start_worker(parent: int) -> None:
+    """Set up a checking worker: Ctrl-C is the main process's to handle (it rolls back the batch
+    and reports), and on Linux the worker ends with the main process, which, killed with
+    SIGKILL, could not stop it (it would wait forever for more rows)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker outlives a killed import
+        return
+    if os.getppid() != parent:  # the main process ended before prctl took effect
+        os._exit(1)
 
 
 def checked_batches(rows: Iterator, batch_size: int, jobs: int) -> Iterator[list]:
@@ -152,7 +164,7 @@ def checked_batches(rows: Iterator, batch_size: int, jobs: int) -> Iterator[list
     if jobs == 1:
         yield from map(check_rows, _chunks(rows, batch_size))
         return
-    pool = ProcessPoolExecutor(jobs, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(jobs, initializer=_start_worker, initargs=(os.getpid(),))
     try:
         in_flight: collections.deque = collections.deque()
         for chunk in _chunks(rows, batch_size):

@@ -316,12 +316,47 @@ def committed_count(db_path) -> int:
         return db.execute("SELECT count(*) FROM customers").fetchone()[0]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat_file:
+                fields = stat_file.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def wait_until_gone(pids: list[int], seconds: float = 10) -> list[int]:
+    """The pids still alive after up to ``seconds`` (zombies count as gone)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat_file:
+                    if stat_file.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def test_a_killed_import_leaves_only_whole_batches_and_a_rerun_finishes(tmp_path, db_path):
     source, proc = import_interrupted_later(
         tmp_path, db_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    workers = child_pids(proc.pid)
+    assert workers, "the import checks rows in worker processes"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    # Its workers end with it, instead of waiting forever for rows.
+    assert wait_until_gone(workers) == []
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         names = db.execute("SELECT customer_id, name FROM customers ORDER BY id").fetchall()
