@@ -214,6 +214,21 @@ class Filters:
             if f.name not in ("sort", "descending")
         )
 
+    def value_lists(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(column, values) of each list filter given: the column is one of the values."""
+        lists = (("country", self.countries), ("state", self.states), ("zipcode", self.zipcodes))
+        return [(column, values) for column, values in lists if values]
+
+    def time_bounds(self) -> list[tuple[str, str, str, str]]:
+        """(column, operator, name, UTC text) of each time bound given."""
+        bounds = []
+        for bound, operator in (("gte", ">="), ("lt", "<")):
+            for column in ("created_at", "updated_at"):
+                value = getattr(self, f"{column}_{bound}")
+                if value is not None:
+                    bounds.append((column, operator, f"{column}_{bound}", value))
+        return bounds
+
 
 NO_FILTERS = Filters()
 PAGINATION = frozenset(("page", "per_page"))

@@ -501,8 +501,8 @@ def filter_sql(filters, walk: bool = False) -> tuple[str, dict]:
     conditions, params = [], {}
     if filters.search is not None:
         params["search"] = filters.search
-        if len(filters.search) >= 3 and not walk:  # a phrase of trigrams: the substring
-            params["search"] = '"' + filters.search.replace('"', '""') + '"'
+        if has_trigrams(filters.search) and not walk:
+            params["search"] = fts_phrase(filters.search)
             conditions.append(
                 "customers.id IN (SELECT rowid FROM customer_search "
                 "WHERE customer_search MATCH :search)"
@@ -515,15 +515,10 @@ def filter_sql(filters, walk: bool = False) -> tuple[str, dict]:
     if filters.email is not None:
         conditions.append("folded_email = :email")
         params["email"] = filters.email
-    for column, values in (
-        ("country", filters.countries),
-        ("state", filters.states),
-        ("zipcode", filters.zipcodes),
-    ):
-        if values:
-            names = [f"{column}_{i}" for i in range(len(values))]
-            conditions.append(f"{column} IN ({', '.join(':' + n for n in names)})")
-            params.update(zip(names, values, strict=True))
+    for column, values in filters.value_lists():
+        names = [f"{column}_{i}" for i in range(len(values))]
+        conditions.append(f"{column} IN ({', '.join(':' + n for n in names)})")
+        params.update(zip(names, values, strict=True))
     pair = "customer = customers.id AND key = :key_{0} AND value = :value_{0}"
     for i, (key, value) in enumerate(filters.metadata.items()):
         if walk:
@@ -534,13 +529,20 @@ def filter_sql(filters, walk: bool = False) -> tuple[str, dict]:
                 f"WHERE key = :key_{i} AND value = :value_{i})"
             )
         params.update({f"key_{i}": key, f"value_{i}": value})
-    for bound, operator in (("gte", ">="), ("lt", "<")):
-        for column in ("created_at", "updated_at"):
-            value = getattr(filters, f"{column}_{bound}")
-            if value is not None:
-                conditions.append(f"{column} {operator} :{column}_{bound}")
-                params[f"{column}_{bound}"] = value
+    for column, operator, name, value in filters.time_bounds():
+        conditions.append(f"{column} {operator} :{name}")
+        params[name] = value
     return " AND ".join(conditions) or "1", params
+
+
+def has_trigrams(term: str) -> bool:
+    """Whether a folded search term is long enough for the trigram index (3 characters)."""
+    return len(term) >= 3
+
+
+def fts_phrase(term: str) -> str:
+    """An FTS5 phrase of the term: with the trigram tokenizer, the substring itself."""
+    return '"' + term.replace('"', '""') + '"'
 
 
 SORT_INDEXES = {"created_at": "customers_newest_first", "updated_at": "customers_recently_updated"}
@@ -574,12 +576,11 @@ def count_selected(conn: sqlite3.Connection, filters) -> int:
     customer's (the triggers keep them so), and looking each customer up would cost more than
     the count itself (a search in 10% of 1,000,000 customers: 45 ms against 250 ms).
     """
-    alone = dataclasses.replace(filters, search=None, metadata={})
-    if not alone.any() and filters.search is not None and len(filters.search) >= 3:
-        if not filters.metadata:
-            phrase = '"' + filters.search.replace('"', '""') + '"'
-            return conn.execute(COUNT_SEARCH, (phrase,)).fetchone()[0]
-    if not alone.any() and filters.search is None and len(filters.metadata) == 1:
+    others = dataclasses.replace(filters, search=None, metadata={}).any()
+    if not others and not filters.metadata and filters.search is not None:
+        if has_trigrams(filters.search):
+            return conn.execute(COUNT_SEARCH, (fts_phrase(filters.search),)).fetchone()[0]
+    if not others and filters.search is None and len(filters.metadata) == 1:
         ((key, value),) = filters.metadata.items()
         return conn.execute(COUNT_PAIR, (key, value)).fetchone()[0]
     where, params = filter_sql(filters)

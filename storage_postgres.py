@@ -368,25 +368,15 @@ def filter_sql(filters) -> tuple[str, dict]:
     if filters.email is not None:
         conditions.append("folded_email = %(email)s")
         params["email"] = filters.email
-    for column, values in (
-        ("country", filters.countries),
-        ("state", filters.states),
-        ("zipcode", filters.zipcodes),
-    ):
-        if values:
-            conditions.append(f"{column} = ANY(%({column})s)")
-            params[column] = list(values)
+    for column, values in filters.value_lists():
+        conditions.append(f"{column} = ANY(%({column})s)")
+        params[column] = list(values)
     if filters.metadata:
         conditions.append("metadata @> %(metadata)s::jsonb")
         params["metadata"] = json.dumps(filters.metadata)
-    for bound, operator in (("gte", ">="), ("lt", "<")):
-        for column in ("created_at", "updated_at"):
-            value = getattr(filters, f"{column}_{bound}")
-            if value is not None:
-                conditions.append(
-                    f"customers.{column} {operator} %({column}_{bound})s::timestamptz"
-                )
-                params[f"{column}_{bound}"] = value
+    for column, operator, name, value in filters.time_bounds():
+        conditions.append(f"customers.{column} {operator} %({name})s::timestamptz")
+        params[name] = value
     return " AND ".join(conditions) or "true", params
 
 
@@ -402,11 +392,11 @@ def list_customers(
     """One page of the customers that ``filters`` select, in its order, and their count."""
     offset = (page - 1) * per_page
     where, params = filter_sql(filters)
+    count = COUNT_FILTERED.format(where=where) if filters.any() else COUNTED
     if offset > LARGEST_OFFSET:  # past any end, and past what OFFSET takes
-        count = COUNT_FILTERED.format(where=where) if filters.any() else COUNTED
         return [], conn.execute(count, params).fetchone()["n"] or 0
     statement = SELECT_PAGE.format(
-        count=COUNT_FILTERED.format(where=where) if filters.any() else COUNTED,
+        count=count,
         where=where,
         order=order_sql(filters),
         limit=per_page,
