@@ -335,6 +335,62 @@ CUSTOMER_FIELDS = [
 ]
 
 
+def walk_pages_while_inserting(
+    url: str, query: dict, new_customer, at_most: int
+) -> tuple[list[dict], int]:
+    """Every page of GET /api/v1/customers with ``query``, walked while another client inserts
+    ``new_customer(i)`` for i = 0, 1, ... (at most ``at_most``); returns the pages' bodies and
+    how many customers the other client inserted meanwhile."""
+    customers_url = url + "/api/v1/customers"
+    stop = threading.Event()
+    inserted = []
+
+    def insert_while_walking():
+        with requests.Session() as session:
+            session.headers.update(AUTH)
+            while not stop.is_set() and len(inserted) < at_most:
+                body = {"customer": new_customer(len(inserted))}
+                session.post(customers_url, json=body).raise_for_status()
+                inserted.append(body)
+
+    writer = threading.Thread(target=insert_while_walking)
+    writer.start()
+    pages = []
+    try:
+        with requests.Session() as session:
+            session.headers.update(AUTH)
+            page = 1
+            while page is not None:
+                response = session.get(customers_url, params={**query, "page": page})
+                assert response.status_code == 200, response.text
+                pages.append(response.json())
+                page = pages[-1]["meta"]["next_page"]
+    finally:
+        stop.set()
+        writer.join()
+    return pages, len(inserted)
+
+
+def answers_of_both_backends(postgres, tmp_path: Path, source: Path, ask) -> dict:
+    """``ask(client)`` on each backend ("sqlite", "postgres"), each a fresh database into which
+    ``source`` (JSON Lines) was imported."""
+    name = postgres.new_database()
+    answers = {}
+    try:
+        for label, config in (
+            ("sqlite", {"CUSTOMERS_DATABASE": str(tmp_path / "same.sqlite3")}),
+            ("postgres", {"CUSTOMERS_DATABASE_URL": postgres.url(name)}),
+        ):
+            app = started_app({**config, "CUSTOMERS_API_KEYS": API_KEY})
+            imported = app.test_cli_runner().invoke(args=["customers", "import", str(source)])
+            assert imported.exit_code == 0, imported.output
+            answers[label] = ask(app.test_client())
+            database.close_connections()
+    finally:
+        postgres.drop_database(name)
+    return answers
+
+
 def random_customer(client_number: int, sequence: int) -> dict:
     """A distinct customer with random text in every free-text field."""
     letters = string.ascii_letters + string.digits + " éü-/%"

@@ -4,14 +4,11 @@ both backends."""
 
 import json
 import random
-import threading
 from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, post_customer, started_app
-
-from customers_service import database
+from conftest import AUTH, answers_of_both_backends, post_customer, walk_pages_while_inserting
 
 # name, legal_name, email, country, state, zipcode, metadata: each row chosen so that every
 # filter below selects a known, small set.
@@ -324,35 +321,14 @@ def test_paging_a_filtered_list_while_others_insert_misses_no_customer(server):
             country = "FR" if i % 2 else "DE"
             body = {"customer": {"customer_id": f"before-{i}", "name": "N", "country": country}}
             session.post(url, json=body).raise_for_status()
-    stop = threading.Event()
-    inserted = []
-
-    def insert_while_walking():
-        with requests.Session() as session:
-            session.headers.update(AUTH)
-            while not stop.is_set() and len(inserted) < 300:
-                i = len(inserted)
-                country = "FR" if i % 2 else "DE"
-                body = {"customer": {"customer_id": f"during-{i}", "name": "N", "country": country}}
-                session.post(url, json=body).raise_for_status()
-                inserted.append(body)
-
-    writer = threading.Thread(target=insert_while_walking)
-    writer.start()
-    seen = []
-    try:
-        with requests.Session() as session:
-            session.headers.update(AUTH)
-            page = 1
-            while page is not None:
-                query = {"countries[]": "fr", "page": page, "per_page": 3}
-                body = session.get(url, params=query).json()
-                assert body["meta"]["total_count"] >= 20
-                seen += [(c["customer_id"], c["country"]) for c in body["customers"]]
-                page = body["meta"]["next_page"]
-    finally:
-        stop.set()
-        writer.join()
+    pages, inserted = walk_pages_while_inserting(
+        server.url,
+        {"countries[]": "fr", "per_page": 3},
+        lambda i: {"customer_id": f"during-{i}", "name": "N", "country": "FR" if i % 2 else "DE"},
+        at_most=300,
+    )
+    assert all(body["meta"]["total_count"] >= 20 for body in pages)
+    seen = [(c["customer_id"], c["country"]) for body in pages for c in body["customers"]]
     assert {f"before-{i}" for i in range(1, 40, 2)} <= {customer_id for customer_id, _ in seen}
     assert {country for _, country in seen} == {"FR"}
     assert inserted, "the writer ran during the walk"
@@ -415,19 +391,12 @@ def test_both_backends_give_the_same_answer_to_every_filter(postgres, tmp_path):
                 "updated_at": f"2022-01-{1 + i % 7:02d}T00:00:00Z",
             }
             out.write(json.dumps(restored) + "\n")
-    name = postgres.new_database()
-    answers = {}
-    for label, config in (
-        ("sqlite", {"CUSTOMERS_DATABASE": str(tmp_path / "same.sqlite3")}),
-        ("postgres", {"CUSTOMERS_DATABASE_URL": postgres.url(name)}),
-    ):
-        app = started_app({**config, "CUSTOMERS_API_KEYS": API_KEY})
-        imported = app.test_cli_runner().invoke(args=["customers", "import", str(source)])
-        assert imported.exit_code == 0, imported.output
-        client = app.test_client()
-        answers[label] = {query: all_pages(client, query) for query in COMPARED_QUERIES}
-        database.close_connections()
-    postgres.drop_database(name)
+    answers = answers_of_both_backends(
+        postgres,
+        tmp_path,
+        source,
+        lambda client: {query: all_pages(client, query) for query in COMPARED_QUERIES},
+    )
     for query in COMPARED_QUERIES:
         assert answers["sqlite"][query] == answers["postgres"][query], query
     selecting_none_or_all = [

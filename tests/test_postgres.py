@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     SEED,
     Gunicorn,
+    answers_of_both_backends,
     fill,
     post_customer,
     small_filesystem,
@@ -203,26 +204,19 @@ def test_answers_are_the_same_bytes_on_both_backends(postgres, tmp_path):
     ]
     source = tmp_path / "same.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    name = postgres.new_database()
-    answers = {}
-    for label, config in (
-        ("sqlite", {"CUSTOMERS_DATABASE": str(tmp_path / "same.sqlite3")}),
-        ("postgres", {"CUSTOMERS_DATABASE_URL": postgres.url(name)}),
-    ):
-        app = started_app({**config, "CUSTOMERS_API_KEYS": API_KEY})
-        imported = app.test_cli_runner().invoke(args=["customers", "import", str(source)])
-        assert imported.exit_code == 0, imported.output
-        client = app.test_client()
-        answers[label] = [
+    answers = answers_of_both_backends(
+        postgres,
+        tmp_path,
+        source,
+        lambda client: [
             client.get("/api/v1/customers/same-7", headers=AUTH).data,
             client.get("/api/v1/customers?page=2&per_page=7", headers=AUTH).data,
             client.delete("/api/v1/customers/same-3", headers=AUTH).data,
             client.get("/api/v1/customers?per_page=100", headers=AUTH).data,
             client.get("/api/v1/customers?metadata[plan]=p1&search_term=ZO", headers=AUTH).data,
-        ]
-        database.close_connections()
+        ],
+    )
     assert answers["sqlite"] == answers["postgres"]
-    postgres.drop_database(name)
 
 
 def test_export_from_sqlite_piped_into_import_on_postgres_moves_every_column(postgres, tmp_path):

@@ -4,12 +4,11 @@ import http.client
 import json
 import os
 import sqlite3
-import threading
 from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer
+from conftest import AUTH, SEED, post_customer, walk_pages_while_inserting
 
 ODD_IDS = [
     "a/b",
@@ -239,36 +238,14 @@ def test_walking_pages_during_concurrent_inserts_misses_no_customer(server):
         for i in range(60):
             body = {"customer": {"customer_id": f"before-{i}", "name": "N"}}
             session.post(server.url + "/api/v1/customers", json=body).raise_for_status()
-    stop = threading.Event()
-    inserted = []
-
-    def insert_while_walking():
-        with requests.Session() as session:
-            session.headers.update(AUTH)
-            while not stop.is_set() and len(inserted) < 500:
-                body = {"customer": {"customer_id": f"during-{len(inserted)}", "name": "N"}}
-                session.post(server.url + "/api/v1/customers", json=body).raise_for_status()
-                inserted.append(body)
-
-    writer = threading.Thread(target=insert_while_walking)
-    writer.start()
-    seen = []
-    try:
-        with requests.Session() as session:
-            session.headers.update(AUTH)
-            page = 1
-            while page is not None:
-                response = session.get(
-                    server.url + "/api/v1/customers", params={"page": page, "per_page": 7}
-                )
-                assert response.status_code == 200
-                body = response.json()
-                seen += [c["customer_id"] for c in body["customers"]]
-                assert body["meta"]["total_count"] >= 60
-                page = body["meta"]["next_page"]
-    finally:
-        stop.set()
-        writer.join()
+    pages, inserted = walk_pages_while_inserting(
+        server.url,
+        {"per_page": 7},
+        lambda i: {"customer_id": f"during-{i}", "name": "N"},
+        at_most=500,
+    )
+    seen = [c["customer_id"] for body in pages for c in body["customers"]]
+    assert all(body["meta"]["total_count"] >= 60 for body in pages)
     # Newest first with offsets: an insert pushes rows down, so a row may show twice, never zero.
     assert {f"before-{i}" for i in range(60)} <= set(seen)
     assert inserted, "the writer ran during the walk"
