@@ -21,6 +21,8 @@ from customers_service.api_keys import (
 )
 from customers_service.body import customer_payload
 from customers_service.commands import cli
+from customers_service.event_storage import EventsExpired
+from customers_service.events import event_object, load_events_query
 from customers_service.list_query import load_list_query
 from customers_service.logs import error_log, setup_logging, write_access_line
 from customers_service.responses import (
@@ -196,6 +198,24 @@ def list_customers():
         "total_count": total,
     }
     return json_response({"customers": customers, "meta": meta})
+
+
+@bp.get("/api/v1/events", provide_automatic_options=False)
+def events_feed():
+    """The events after ``after``, in commit order."""
+    after, limit = load_events_query(request.args)
+    try:
+        stored, has_more = database.get_store().events_page(after, limit)
+    except EventsExpired:
+        raise ApiError(
+            410,
+            "events_expired",
+            "events after this sequence were removed (older than the retention): read the "
+            "customers again, then the feed from after=0",
+        ) from None
+    events = [event_object(event) for event in stored]
+    meta = {"last_sequence": events[-1]["sequence"] if events else after, "has_more": has_more}
+    return json_response({"events": events, "meta": meta})
 
 
 @bp.get("/health", provide_automatic_options=False)

@@ -1,6 +1,9 @@
-"""The operator commands, ``flask customers ...``: the database, API keys, import and export."""
+"""The operator commands, ``flask customers ...``: the database, API keys, import and export,
+webhook endpoints and their deliverer."""
 
+import json
 import os
+import signal
 import time
 
 import click
@@ -33,7 +36,10 @@ from customers_service.database import (
     prepare_database,
     where,
 )
+from customers_service.deliverer import Deliverer, DelivererSettings
 from customers_service.settings import setting
+from customers_service.storage import utc_now
+from customers_service.webhooks import BadWebhookUrl, RetrySchedule, new_endpoint, unix_now
 
 cli = AppGroup("customers", help="Operate the customers service.")
 
@@ -157,3 +163,125 @@ def export_command(file) -> None:
     file.flush()
     seconds = time.monotonic() - started
     click.echo(f"exported {count:,} customers in {seconds:.1f} s", err=True)
+
+
+# --- events and webhooks ---------------------------------------------------------------------
+
+
+def print_json(value: dict) -> None:
+    """One line of JSON on stdout."""
+    click.echo(json.dumps(value, ensure_ascii=False))
+
+
+@cli.command("add-webhook")
+@click.argument("url")
+def add_webhook_command(url: str) -> None:
+    """Register URL to receive every event from now on; print its id and secret, once."""
+    try:
+        endpoint = new_endpoint(url, utc_now())
+    except BadWebhookUrl as e:
+        raise click.ClickException(f"{url!r}: {e}") from None
+    store = command_store()
+    try:
+        store.add_webhook(endpoint)
+    finally:
+        store.close()
+    print_json(endpoint)
+    click.echo("The secret is not shown again: keep it now.", err=True)
+
+
+@cli.command("list-webhooks")
+def list_webhooks_command() -> None:
+    """Show each webhook endpoint (without its secret), one line of JSON each."""
+    store = command_store()
+    try:
+        for endpoint in store.list_webhooks():
+            print_json(endpoint)
+    finally:
+        store.close()
+
+
+@cli.command("remove-webhook")
+@click.argument("endpoint_id")
+def remove_webhook_command(endpoint_id: str) -> None:
+    """Remove an endpoint; what was queued for it is dropped."""
+    store = command_store()
+    try:
+        removed = store.remove_webhook(endpoint_id)
+    finally:
+        store.close()
+    if not removed:
+        raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
+    click.echo(f"Removed {endpoint_id}")
+
+
+@cli.command("webhook-status")
+def webhook_status_command() -> None:
+    """Each endpoint's backlog, last error and failed events (the first 100), as JSON lines."""
+    store = command_store()
+    try:
+        for endpoint in store.webhook_status():
+            print_json(endpoint)
+    finally:
+        store.close()
+
+
+@cli.command("retry-webhooks")
+@click.argument("endpoint_id")
+def retry_webhooks_command(endpoint_id: str) -> None:
+    """Queue the endpoint's failed events again, from their first try."""
+    store = command_store()
+    try:
+        queued = store.retry_failed(endpoint_id)
+    finally:
+        store.close()
+    if queued is None:
+        raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
+    click.echo(f"Queued {queued} failed events again for {endpoint_id}")
+
+
+@cli.command("prune-events")
+def prune_events_command() -> None:
+    """Remove the events older than CUSTOMERS_EVENT_RETENTION_DAYS (the deliverer does this
+    every minute; this is for a deployment that runs none)."""
+    store = command_store()
+    try:
+        removed = store.prune_events(unix_now() - retention_seconds())
+    finally:
+        store.close()
+    click.echo(f"Removed {removed} events")
+
+
+def retention_seconds() -> float:
+    """How long events are kept, in seconds."""
+    return float(setting("CUSTOMERS_EVENT_RETENTION_DAYS")) * 86400
+
+
+def deliverer_settings() -> DelivererSettings:
+    """The deliverer's settings, from the app's."""
+    return DelivererSettings(
+        timeout=float(setting("CUSTOMERS_WEBHOOK_TIMEOUT")),
+        concurrency=int(setting("CUSTOMERS_WEBHOOK_CONCURRENCY")),
+        poll=float(setting("CUSTOMERS_WEBHOOK_POLL_SECONDS")),
+        lease=float(setting("CUSTOMERS_WEBHOOK_LEASE_SECONDS")),
+        retry=RetrySchedule(
+            first=float(setting("CUSTOMERS_WEBHOOK_RETRY_FIRST_SECONDS")),
+            longest=float(setting("CUSTOMERS_WEBHOOK_RETRY_LONGEST_SECONDS")),
+            give_up_after=float(setting("CUSTOMERS_WEBHOOK_RETRY_FOR_SECONDS")),
+        ),
+        retention=retention_seconds(),
+    )
+
+
+@cli.command("deliver-webhooks")
+def deliver_webhooks_command() -> None:
+    """Deliver events to the webhook endpoints until SIGTERM or Ctrl-C (then finish what is in
+    flight). Run one per host, under a process manager; several share the work."""
+    command_store().close()  # a clear message now if the database is not there
+    app = current_app._get_current_object()
+    deliverer = Deliverer(lambda: open_store(app, durable=False), deliverer_settings())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: deliverer.stop())
+    click.echo(f"delivering webhooks from {where()} (pid {os.getpid()})", err=True)
+    deliverer.run()
+    click.echo("deliverer stopped", err=True)

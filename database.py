@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 
 from flask import Flask, current_app, g
 
-from customers_service import storage
+from customers_service import event_storage, storage
 from customers_service.list_query import NO_FILTERS, Filters
 from customers_service.settings import setting
 
@@ -26,6 +26,7 @@ class Store:
 
     def __init__(self, backend, conn, connections):
         self.backend, self.conn, self.connections = backend, conn, connections
+        self.events = events_backend(backend)
 
     def upsert_customer(self, fields: Mapping[str, str | None]) -> dict:
         """Create the customer, or update the keys present in ``fields``; return the row."""
@@ -58,6 +59,47 @@ class Store:
         """Every customer as one line of JSON, from one snapshot, streamed."""
         return self.backend.export_lines(self.conn)
 
+    def events_page(self, after: int, limit: int) -> tuple[list[dict], bool]:
+        """Up to ``limit`` events after the sequence ``after``, in commit order, and whether more
+        follow; raise event_storage.EventsExpired if some after it were pruned."""
+        return self.events.events_page(self.conn, after, limit)
+
+    def prune_events(self, recorded_before: float) -> int:
+        """Remove the events recorded before that Unix time; return how many."""
+        return self.events.prune_events(self.conn, recorded_before)
+
+    def add_webhook(self, endpoint: dict) -> None:
+        """Register a webhook endpoint: id, url, secret, created_at."""
+        self.events.add_webhook(self.conn, endpoint)
+
+    def list_webhooks(self) -> list[dict]:
+        """Every webhook endpoint (id, url, created_at), oldest first."""
+        return self.events.list_webhooks(self.conn)
+
+    def remove_webhook(self, endpoint_id: str) -> bool:
+        """Remove an endpoint and its queue; False if there is none."""
+        return self.events.remove_webhook(self.conn, endpoint_id)
+
+    def claim_deliveries(self, owner: str, now: float, lease_until: float, limit: int) -> list:
+        """Lease up to ``limit`` due deliveries, each the next of its endpoint and customer."""
+        return self.events.claim_deliveries(self.conn, owner, now, lease_until, limit)
+
+    def finish_deliveries(self, owner: str, outcomes: list[dict]) -> None:
+        """Record the outcome of leased deliveries: delivered, retry later or given up."""
+        self.events.finish_deliveries(self.conn, owner, outcomes)
+
+    def release_deliveries(self, owner: str) -> None:
+        """Give back the deliveries ``owner`` leased and did not finish."""
+        self.events.release_deliveries(self.conn, owner)
+
+    def webhook_status(self, failed_shown: int = 100) -> list[dict]:
+        """Each endpoint's backlog, failed count, last error and first failed events."""
+        return self.events.webhook_status(self.conn, failed_shown)
+
+    def retry_failed(self, endpoint_id: str) -> int | None:
+        """Queue an endpoint's failed deliveries again; how many, or None if it is unknown."""
+        return self.events.retry_failed(self.conn, endpoint_id)
+
     def close(self) -> None:
         """Close a command's connection."""
         self.conn.close()
@@ -70,6 +112,15 @@ def backend(app: Flask | None = None):
 
         return storage_postgres
     return storage
+
+
+def events_backend(storage_module):
+    """The events and webhooks storage module beside a customers storage module."""
+    if storage_module is storage:
+        return event_storage
+    from customers_service import event_storage_postgres
+
+    return event_storage_postgres
 
 
 def connections(app: Flask | None = None):
@@ -123,10 +174,12 @@ def prepare_database(app: Flask) -> str:
     return where(app)
 
 
-def open_store(app: Flask | None = None) -> Store:
-    """A new Store on the existing, migrated database, for a command; the caller closes it."""
+def open_store(app: Flask | None = None, durable: bool = True) -> Store:
+    """A new Store on the existing, migrated database, for a command; the caller closes it.
+    Not ``durable``, its commits may be lost to a power cut (the deliverer's: at worst, a
+    delivery is made again)."""
     conns = connections(app)
-    return Store(backend(app), conns.open(), conns)
+    return Store(backend(app), conns.open(durable), conns)
 
 
 def get_store() -> Store:

@@ -8,7 +8,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, render_template_string, url_for
 
-from customers_service import list_query, schemas
+from customers_service import events, list_query, schemas
 from customers_service.api_keys import PUBLIC_ENDPOINTS
 
 # Swagger UI's files, from the swagger-ui-py package (found, not imported: only its files serve).
@@ -41,6 +41,8 @@ DOCS_PAGE = """<!doctype html>
 ERROR_DESCRIPTIONS = {
     400: "`invalid_json` or `bad_request` (an upsert's body); `invalid_pagination` or "
     "`invalid_filters` (a list's query), with `error_details` naming each bad parameter.",
+    410: "`events_expired`: events after `after` were removed (older than the retention). "
+    "Read the customers again, then the feed from `after=0`.",
     401: "`unauthorized`: no API key, or a wrong one.",
     404: "`customer_not_found`.",
     413: "`payload_too_large`: the body is over the limit (64 KiB by default).",
@@ -86,6 +88,16 @@ OPERATIONS = {
         (400, 401, 414, 503),
     ),
     "customers.get_customer": ("get", "Get a customer", "", None, (401, 404, 503)),
+    "customers.events_feed": (
+        "get",
+        "Events: every change, in commit order",
+        "The events after `after`, oldest first. Keep `meta.last_sequence` and pass it as the "
+        "next `after`: every event is seen exactly once, in the order the changes committed, "
+        "whatever the number of writers. A bad, repeated or unknown parameter is "
+        "`400 invalid_pagination`.",
+        None,
+        (400, 401, 410, 503),
+    ),
     "customers.delete_customer": (
         "delete",
         "Delete a customer",
@@ -117,6 +129,7 @@ SUCCESSES = {
         "CustomerResponse",
     ),
     "customers.list_customers": ("One page and the totals.", "application/json", "CustomerList"),
+    "customers.events_feed": ("A page of events.", "application/json", "EventList"),
     "customers.health": ("The database answers.", "application/json", "Health"),
     "customers.openapi_document": ("The document.", "application/json", {"type": "object"}),
     "customers.docs": ("An HTML page (Swagger UI).", "text/html", {"type": "string"}),
@@ -176,6 +189,8 @@ def _operation(endpoint: str) -> dict:
             {"in": "query", "schema": list_query.FiltersSchema},
             list_query.METADATA_PARAMETER_DOC,
         ]
+    if endpoint == "customers.events_feed":
+        operation["parameters"] = [{"in": "query", "schema": events.EventsQuerySchema}]
     if endpoint in ("customers.get_customer", "customers.delete_customer"):
         operation["parameters"] = [
             {
@@ -222,6 +237,7 @@ def build_openapi(app: Flask) -> dict:
     spec.components.schema("CustomerRequest", schema=schemas.CustomerRequestSchema)
     spec.components.schema("CustomerResponse", schema=schemas.CustomerResponseSchema)
     spec.components.schema("CustomerList", schema=schemas.CustomerListSchema)
+    spec.components.schema("EventList", schema=events.EventListSchema)
     spec.components.schema("Health", schema=schemas.HealthSchema)
     paths: dict[str, dict] = {}
     for rule in app.url_map.iter_rules():

@@ -6,6 +6,17 @@ from flask import Flask, current_app
 
 from customers_service import storage
 
+# Events' retention and the deliverer's (flask customers deliver-webhooks): numbers above 0.
+WEBHOOK_SETTINGS = (
+    "CUSTOMERS_EVENT_RETENTION_DAYS",
+    "CUSTOMERS_WEBHOOK_TIMEOUT",
+    "CUSTOMERS_WEBHOOK_CONCURRENCY",
+    "CUSTOMERS_WEBHOOK_POLL_SECONDS",
+    "CUSTOMERS_WEBHOOK_LEASE_SECONDS",
+    "CUSTOMERS_WEBHOOK_RETRY_FIRST_SECONDS",
+    "CUSTOMERS_WEBHOOK_RETRY_LONGEST_SECONDS",
+    "CUSTOMERS_WEBHOOK_RETRY_FOR_SECONDS",
+)
 # Read from the environment by the standalone app; a host app sets the same keys in its config.
 SETTINGS = (
     "CUSTOMERS_DATABASE_URL",
@@ -20,6 +31,7 @@ SETTINGS = (
     "CUSTOMERS_SQLITE_SYNCHRONOUS",
     "CUSTOMERS_SQLITE_TIMEOUT",
     "CUSTOMERS_MIN_FREE_BYTES",
+    *WEBHOOK_SETTINGS,
 )
 DEFAULTS = {
     "CUSTOMERS_DATABASE_URL": "",
@@ -32,6 +44,14 @@ DEFAULTS = {
     "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
     "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
     "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
+    "CUSTOMERS_EVENT_RETENTION_DAYS": 30,
+    "CUSTOMERS_WEBHOOK_TIMEOUT": 10.0,
+    "CUSTOMERS_WEBHOOK_CONCURRENCY": 8,
+    "CUSTOMERS_WEBHOOK_POLL_SECONDS": 0.5,
+    "CUSTOMERS_WEBHOOK_LEASE_SECONDS": 60.0,
+    "CUSTOMERS_WEBHOOK_RETRY_FIRST_SECONDS": 1.0,
+    "CUSTOMERS_WEBHOOK_RETRY_LONGEST_SECONDS": 3600.0,
+    "CUSTOMERS_WEBHOOK_RETRY_FOR_SECONDS": 86400.0,
 }
 # Settings whose default is a file in the app's instance folder.
 INSTANCE_FILES = {"CUSTOMERS_DATABASE": "customers.sqlite3", "CUSTOMERS_API_KEY_FILE": "api-keys"}
@@ -71,9 +91,28 @@ def check_settings(config) -> None:
             float(config.get(name, 0))
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, not {config[name]!r}") from None
-    for name in ("CUSTOMERS_POSTGRES_POOL_TIMEOUT", "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT"):
-        if float(config.get(name, 1)) <= 0:
-            raise ValueError(f"{name} must be more than 0 seconds")
+    for name in (
+        "CUSTOMERS_POSTGRES_POOL_TIMEOUT",
+        "CUSTOMERS_POSTGRES_STATEMENT_TIMEOUT",
+        *WEBHOOK_SETTINGS,
+    ):
+        try:
+            positive = float(config.get(name, 1)) > 0
+        except (TypeError, ValueError):
+            positive = False
+        if not positive:
+            raise ValueError(f"{name} must be a number more than 0, not {config[name]!r}")
+    concurrency = str(config.get("CUSTOMERS_WEBHOOK_CONCURRENCY", 8))
+    if not concurrency.isdigit():
+        raise ValueError(f"CUSTOMERS_WEBHOOK_CONCURRENCY must be a whole number, not {concurrency}")
+    timeout = float(config.get("CUSTOMERS_WEBHOOK_TIMEOUT", DEFAULTS["CUSTOMERS_WEBHOOK_TIMEOUT"]))
+    lease = float(
+        config.get("CUSTOMERS_WEBHOOK_LEASE_SECONDS", DEFAULTS["CUSTOMERS_WEBHOOK_LEASE_SECONDS"])
+    )
+    if lease <= timeout:
+        raise ValueError(
+            "CUSTOMERS_WEBHOOK_LEASE_SECONDS must be more than CUSTOMERS_WEBHOOK_TIMEOUT"
+        )
     pool_size = str(config.get("CUSTOMERS_POSTGRES_POOL_SIZE", 2))
     if not pool_size.isdigit() or int(pool_size) < 1:
         raise ValueError(

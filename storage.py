@@ -38,6 +38,31 @@ COLUMNS = ("lago_id", *FIELDS, "metadata", "created_at", "updated_at")
 SEARCHED = ("customer_id", "name", "legal_name", "email")
 FOLDED = tuple(f"folded_{f}" for f in SEARCHED)
 
+
+def event_trigger(operation: str, kind: str, row: str) -> str:
+    """The trigger that records the event of one kind of change, in the change's transaction,
+    and queues it for every webhook endpoint registered now."""
+    customer = ", ".join(
+        f"'{c}', json({row}.{c})" if c == "metadata" else f"'{c}', {row}.{c}" for c in COLUMNS
+    )
+    changed_at = "new.updated_at" if row == "new" else "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
+    return f"""CREATE TRIGGER customers_event_{kind.split(".")[1]} AFTER {operation} ON customers
+       BEGIN
+           INSERT INTO events (id, webhook_type, created_at, recorded_at, customer)
+           VALUES ({RANDOM_UUID}, '{kind}', {changed_at}, {UNIX_NOW}, json_object({customer}));
+           INSERT INTO webhook_deliveries (endpoint, event, customer_id)
+           SELECT id, last_insert_rowid(), {row}.customer_id FROM webhook_endpoints;
+       END"""
+
+
+# A version 4 UUID, made by SQLite itself so that any writer records events the same way.
+RANDOM_UUID = """lower(printf('%s-%s-4%s-%s%s-%s',
+    hex(randomblob(4)), hex(randomblob(2)), substr(hex(randomblob(2)), 2),
+    substr('89ab', 1 + (abs(random()) % 4), 1), substr(hex(randomblob(2)), 2),
+    hex(randomblob(6))))"""
+UNIX_NOW = "(julianday('now') - 2440587.5) * 86400.0"
+
+
 # Each step runs once, in order, in its own transaction; PRAGMA user_version counts the steps
 # done. Append new steps; never edit or reorder a released one.
 MIGRATIONS = (
@@ -130,6 +155,56 @@ MIGRATIONS = (
                VALUES ('delete', old.id, {", ".join(f"old.{c}" for c in FOLDED)});
            END""",
         "INSERT INTO customer_search (customer_search) VALUES ('rebuild')",
+    ),
+    (
+        # Events and webhooks (issue 12): see event_storage.py for how they are read.
+        # AUTOINCREMENT: a sequence is never reused, even after the newest events are pruned.
+        """CREATE TABLE events (
+            sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL,
+            webhook_type TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            recorded_at REAL NOT NULL,
+            customer TEXT NOT NULL
+        )""",
+        # The largest sequence pruned: the feed answers 410 to a consumer behind it.
+        "CREATE TABLE events_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), up_to INTEGER)",
+        "INSERT INTO events_pruned (id, up_to) VALUES (1, 0)",
+        """CREATE TABLE webhook_endpoints (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            last_error TEXT,
+            last_error_at TEXT
+        )""",
+        # One row per event and endpoint until it is delivered (then deleted) or given up
+        # (failed = 1). Times are Unix seconds.
+        """CREATE TABLE webhook_deliveries (
+            endpoint TEXT NOT NULL,
+            event INTEGER NOT NULL,
+            customer_id TEXT NOT NULL,
+            failed INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            first_try REAL,
+            next_try REAL NOT NULL DEFAULT 0,
+            leased_until REAL NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            last_error TEXT,
+            PRIMARY KEY (endpoint, event)
+        ) WITHOUT ROWID""",
+        """CREATE INDEX webhook_deliveries_per_customer
+           ON webhook_deliveries (endpoint, customer_id, event)""",
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (failed, next_try)",
+        "CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries (event)",
+        *(
+            event_trigger(operation, kind, row)
+            for operation, kind, row in (
+                ("INSERT", "customer.created", "new"),
+                ("UPDATE", "customer.updated", "new"),
+                ("DELETE", "customer.deleted", "old"),
+            )
+        ),
     ),
 )
 
@@ -692,9 +767,11 @@ class Connections:
         finally:
             conn.close()
 
-    def open(self) -> Connection:
-        """A connection of its own, for a command; the caller closes it."""
-        return connect_ready(self.path, synchronous=self.synchronous, timeout=self.timeout)
+    def open(self, durable: bool = True) -> Connection:
+        """A connection of its own, for a command; the caller closes it. Not ``durable``, its
+        commits survive a crash of the process but maybe not a power cut (NORMAL)."""
+        synchronous = self.synchronous if durable else "NORMAL"
+        return connect_ready(self.path, synchronous=synchronous, timeout=self.timeout)
 
     def acquire(self) -> Connection:
         """This thread's connection, checked to still be the file at the path."""

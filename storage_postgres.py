@@ -40,6 +40,7 @@ NETWORK = {
     "tcp_user_timeout": 5_000,  # milliseconds a sent request may stay unacknowledged
 }
 MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
+EVENTS_GATE = 7_366_012_002  # shared by writers at commit, exclusive for a moment by the feed
 COUNT_SHARDS = 16
 # Row locks, not one write lock, so an import makes no live writer wait for a lock; but they
 # share the CPU: half a pause (storage.py) keeps the live p99 well under 100 ms while an import
@@ -55,6 +56,12 @@ AS_TEXT = {
     "updated_at": API_TIME.format("updated_at"),
 }
 SELECTED = ", ".join(f"{AS_TEXT[c]} AS {c}" if c in AS_TEXT else c for c in COLUMNS)
+
+# The event's customer object, built by the trigger from the changed row (see AS_TEXT).
+EVENT_CUSTOMER = ", ".join(
+    f"'{c}', " + (AS_TEXT[c].replace(c, f"changed.{c}") if c in AS_TEXT else f"changed.{c}")
+    for c in COLUMNS
+)
 
 CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY,
@@ -116,6 +123,87 @@ MIGRATIONS = (
         "CREATE INDEX customers_search ON customers USING gin ("
         + ", ".join(f"{c} gin_trgm_ops" for c in FOLDED)
         + ")",
+    ),
+    (
+        # Events and webhooks (issue 12); event_storage_postgres.py reads them. A sequence is
+        # taken at commit (events_recorded below), so numbers follow the commit order.
+        "CREATE SEQUENCE events_sequence",
+        """CREATE TABLE events (
+            sequence bigint PRIMARY KEY,
+            id uuid NOT NULL,
+            webhook_type text NOT NULL,
+            created_at text NOT NULL,
+            recorded_at double precision NOT NULL,
+            customer json NOT NULL
+        )""",
+        "CREATE TABLE events_pruned (id integer PRIMARY KEY CHECK (id = 1), up_to bigint)",
+        "INSERT INTO events_pruned (id, up_to) VALUES (1, 0)",
+        """CREATE TABLE webhook_endpoints (
+            id text PRIMARY KEY,
+            url text NOT NULL,
+            secret text NOT NULL,
+            created_at text NOT NULL,
+            last_error text,
+            last_error_at text
+        )""",
+        """CREATE TABLE webhook_deliveries (
+            endpoint text NOT NULL,
+            event bigint NOT NULL,
+            customer_id text NOT NULL,
+            failed boolean NOT NULL DEFAULT false,
+            attempts integer NOT NULL DEFAULT 0,
+            first_try double precision,
+            next_try double precision NOT NULL DEFAULT 0,
+            leased_until double precision NOT NULL DEFAULT 0,
+            lease_owner text,
+            last_error text,
+            PRIMARY KEY (endpoint, event)
+        )""",
+        """CREATE INDEX webhook_deliveries_per_customer
+           ON webhook_deliveries (endpoint, customer_id, event)""",
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (failed, next_try)",
+        "CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries (event)",
+        # Each change's event is written when its transaction commits (a deferred trigger),
+        # holding EVENTS_GATE shared from its sequence number until its commit is visible.
+        # The feed takes the gate exclusively for a moment (events_horizon): every number
+        # taken before is then committed or aborted, so it hands out only those.
+        f"""CREATE FUNCTION customers_event() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                changed customers;
+                kind text;
+                changed_at timestamptz;
+                number bigint;
+            BEGIN
+                IF TG_OP = 'DELETE' THEN
+                    changed := OLD; kind := 'customer.deleted'; changed_at := now();
+                ELSE
+                    changed := NEW; changed_at := NEW.updated_at;
+                    kind := CASE TG_OP WHEN 'INSERT' THEN 'customer.created'
+                                       ELSE 'customer.updated' END;
+                END IF;
+                PERFORM pg_advisory_xact_lock_shared({EVENTS_GATE});
+                number := nextval('events_sequence');
+                INSERT INTO events (sequence, id, webhook_type, created_at, recorded_at, customer)
+                VALUES (
+                    number, gen_random_uuid(), kind,
+                    {API_TIME.format("changed_at")},
+                    extract(epoch FROM clock_timestamp()),
+                    json_build_object({EVENT_CUSTOMER})
+                );
+                INSERT INTO webhook_deliveries (endpoint, event, customer_id)
+                SELECT id, number, changed.customer_id FROM webhook_endpoints;
+                RETURN NULL;
+            END $$""",
+        """CREATE CONSTRAINT TRIGGER customers_events
+           AFTER INSERT OR UPDATE OR DELETE ON customers
+           DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION customers_event()""",
+        f"""CREATE FUNCTION events_horizon() RETURNS bigint LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_advisory_xact_lock({EVENTS_GATE});
+                RETURN (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                        FROM events_sequence);
+            END $$""",
     ),
 )
 
@@ -507,9 +595,13 @@ class Connections:
         finally:
             conn.close()
 
-    def open(self) -> psycopg.Connection:
-        """A connection of its own, for a command; the caller closes it."""
-        return connect_ready(self.url, self.statement_timeout)
+    def open(self, durable: bool = True) -> psycopg.Connection:
+        """A connection of its own, for a command; the caller closes it. Not ``durable``, its
+        commits return before they reach the disk (synchronous_commit off)."""
+        conn = connect_ready(self.url, self.statement_timeout)
+        if not durable:
+            conn.execute("SET synchronous_commit = off")
+        return conn
 
     def acquire(self) -> psycopg.Connection:
         """A connection from this process's pool."""

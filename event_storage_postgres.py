@@ -1,0 +1,209 @@
+"""PostgreSQL storage of events and webhook deliveries: the same functions as event_storage.py
+(SQLite). Events are written at commit by a deferred trigger (storage_postgres.MIGRATIONS),
+which holds the events gate shared from taking its sequence number until its commit is visible;
+the feed and pruning read only up to events_horizon(), the last number taken when no writer
+held the gate, so they never hand out a number below one a later commit could still bring."""
+
+import psycopg
+
+from customers_service.event_storage import EventsExpired
+
+EVENT_COLUMNS = "e.sequence, e.id::text AS id, e.webhook_type, e.created_at, e.customer"
+
+HORIZON = "SELECT events_horizon() AS horizon"
+# SQLite reads the pruned mark and the page in one read transaction; here one statement.
+SELECT_EVENTS = f"""
+SELECT p.up_to, page.* FROM events_pruned p
+LEFT JOIN LATERAL (
+    SELECT {EVENT_COLUMNS} FROM events e
+    WHERE e.sequence > %(after)s AND e.sequence <= %(horizon)s
+    ORDER BY e.sequence
+    LIMIT %(limit)s
+) page ON true
+"""
+OLDEST_EVENTS = """
+SELECT sequence, recorded_at FROM events WHERE sequence <= %s ORDER BY sequence LIMIT %s
+"""
+PRUNE = (
+    "DELETE FROM webhook_deliveries WHERE event <= %(up_to)s",
+    "DELETE FROM events WHERE sequence <= %(up_to)s",
+    "UPDATE events_pruned SET up_to = greatest(up_to, %(up_to)s)",
+)
+PRUNE_BATCH = 1000
+
+INSERT_ENDPOINT = """
+INSERT INTO webhook_endpoints (id, url, secret, created_at)
+VALUES (%(id)s, %(url)s, %(secret)s, %(created_at)s)
+"""
+SELECT_ENDPOINTS = "SELECT id, url, created_at FROM webhook_endpoints ORDER BY created_at, id"
+DELETE_ENDPOINT = (
+    "DELETE FROM webhook_deliveries WHERE endpoint = %s",
+    "DELETE FROM webhook_endpoints WHERE id = %s",
+)
+
+# SQLite: the same choice; here the rows another deliverer is leasing right now are skipped.
+CLAIM = f"""
+WITH claimed AS (
+    SELECT c.endpoint, c.event FROM webhook_deliveries c
+    WHERE NOT c.failed AND c.next_try <= %(now)s AND c.leased_until <= %(now)s
+        AND NOT EXISTS (
+            SELECT 1 FROM webhook_deliveries p
+            WHERE p.endpoint = c.endpoint AND p.customer_id = c.customer_id
+                AND NOT p.failed AND p.event < c.event
+        )
+    ORDER BY c.event
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_deliveries d SET leased_until = %(lease_until)s, lease_owner = %(owner)s
+FROM claimed, webhook_endpoints w, events e
+WHERE d.endpoint = claimed.endpoint AND d.event = claimed.event
+    AND w.id = d.endpoint AND e.sequence = d.event
+RETURNING d.endpoint, w.url, w.secret, d.attempts, d.first_try, {EVENT_COLUMNS}
+"""
+DELIVERED = """
+DELETE FROM webhook_deliveries
+WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
+"""
+NOT_DELIVERED = """
+UPDATE webhook_deliveries
+SET attempts = %(attempts)s, first_try = %(first_try)s, next_try = %(next_try)s,
+    failed = %(failed)s, last_error = %(error)s, leased_until = 0, lease_owner = NULL
+WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
+"""
+ENDPOINT_ERROR = """
+UPDATE webhook_endpoints SET last_error = %(error)s, last_error_at = %(error_at)s
+WHERE id = %(endpoint)s
+"""
+RELEASE = """
+UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = %s
+"""
+STATUS = """
+SELECT w.id, w.url, w.created_at, w.last_error, w.last_error_at,
+    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND NOT d.failed)
+        AS backlog,
+    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND d.failed) AS failed
+FROM webhook_endpoints w ORDER BY w.created_at, w.id
+"""
+FAILED_EVENTS = """
+SELECT event FROM webhook_deliveries WHERE endpoint = %s AND failed ORDER BY event LIMIT %s
+"""
+ENDPOINT_EXISTS = "SELECT 1 FROM webhook_endpoints WHERE id = %s FOR UPDATE"
+RETRY = """
+UPDATE webhook_deliveries
+SET failed = false, attempts = 0, first_try = NULL, next_try = 0, last_error = NULL
+WHERE endpoint = %s AND failed
+"""
+
+
+def horizon(conn: psycopg.Connection) -> int:
+    """The last sequence number whose transaction has ended: none at or below it can appear
+    later (one round trip; the gate is held exclusively for that moment only)."""
+    return conn.execute(HORIZON).fetchone()["horizon"]
+
+
+def event_row(row: dict) -> dict:
+    """A stored event as a dict (psycopg has parsed its customer)."""
+    return {key: row[key] for key in ("sequence", "id", "webhook_type", "created_at", "customer")}
+
+
+def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[dict], bool]:
+    """Up to ``limit`` events after ``after``, in commit order, and whether more follow; raise
+    EventsExpired if an event after ``after`` (not 0) was pruned."""
+    params = {"after": after, "horizon": horizon(conn), "limit": limit + 1}
+    rows = conn.execute(SELECT_EVENTS, params).fetchall()
+    if 0 < after < rows[0]["up_to"]:
+        raise EventsExpired()
+    events = [event_row(row) for row in rows if row["sequence"] is not None]
+    return events[:limit], len(events) > limit
+
+
+def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
+    """Remove the oldest events recorded before that Unix time (and their deliveries), as one
+    run of sequences from the oldest, never past the horizon; return how many."""
+    removed, last = 0, horizon(conn)
+    while True:
+        rows = conn.execute(OLDEST_EVENTS, (last, PRUNE_BATCH)).fetchall()
+        prefix = next(
+            (i for i, row in enumerate(rows) if row["recorded_at"] >= recorded_before), len(rows)
+        )
+        if prefix == 0:
+            return removed
+        with conn.transaction():
+            for statement in PRUNE:
+                conn.execute(statement, {"up_to": rows[prefix - 1]["sequence"]})
+        removed += prefix
+        if prefix < PRUNE_BATCH:
+            return removed
+
+
+def add_webhook(conn: psycopg.Connection, endpoint: dict) -> None:
+    """Register an endpoint (id, url, secret, created_at)."""
+    conn.execute(INSERT_ENDPOINT, endpoint)
+
+
+def list_webhooks(conn: psycopg.Connection) -> list[dict]:
+    """Every endpoint, without its secret, oldest first."""
+    return conn.execute(SELECT_ENDPOINTS).fetchall()
+
+
+def remove_webhook(conn: psycopg.Connection, endpoint_id: str) -> bool:
+    """Remove an endpoint and what was queued for it; False if there is none."""
+    with conn.transaction():
+        if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
+            return False
+        for statement in DELETE_ENDPOINT:
+            conn.execute(statement, (endpoint_id,))
+    return True
+
+
+def claim_deliveries(
+    conn: psycopg.Connection, owner: str, now: float, lease_until: float, limit: int
+) -> list[dict]:
+    """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
+    each with its endpoint's url and secret, its tries so far and its event."""
+    params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
+    rows = conn.execute(CLAIM, params).fetchall()
+    rows.sort(key=lambda row: row["sequence"])
+    return [
+        {
+            **{k: row[k] for k in ("endpoint", "url", "secret", "attempts", "first_try")},
+            "event": event_row(row),
+        }
+        for row in rows
+    ]
+
+
+def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]) -> None:
+    """Record what became of leased deliveries (see event_storage.finish_deliveries)."""
+    with conn.transaction(), conn.cursor() as cursor:
+        for outcome in outcomes:
+            params = {**outcome, "owner": owner}
+            if outcome.get("error") is None:
+                cursor.execute(DELIVERED, params)
+            else:
+                cursor.execute(NOT_DELIVERED, params)
+                cursor.execute(ENDPOINT_ERROR, params)
+
+
+def release_deliveries(conn: psycopg.Connection, owner: str) -> None:
+    """Give back every delivery ``owner`` leased and did not finish."""
+    conn.execute(RELEASE, (owner,))
+
+
+def webhook_status(conn: psycopg.Connection, failed_shown: int) -> list[dict]:
+    """Each endpoint's backlog, failed count, last error and first failed events."""
+    status = []
+    for endpoint in conn.execute(STATUS).fetchall():
+        events = conn.execute(FAILED_EVENTS, (endpoint["id"], failed_shown)).fetchall()
+        endpoint["failed_events"] = [row["event"] for row in events]
+        status.append(endpoint)
+    return status
+
+
+def retry_failed(conn: psycopg.Connection, endpoint_id: str) -> int | None:
+    """Queue the endpoint's failed deliveries again; how many, or None if no such endpoint."""
+    with conn.transaction():
+        if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
+            return None
+        return conn.execute(RETRY, (endpoint_id,)).rowcount
