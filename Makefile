@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint system-packages bench
 
+# The webhook deliverer runs beside gunicorn, and is stopped with it (Ctrl-C, or gunicorn ending).
 run: $(VENV)/.installed
 	@$(BIN)/flask --app wsgi customers init-db
+	@$(BIN)/flask --app wsgi customers deliver-webhooks & deliverer=$$!; \
+	trap 'kill $$deliverer 2>/dev/null; wait $$deliverer' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.installed lint system-packages

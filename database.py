@@ -11,6 +11,7 @@ from customers_service.list_query import NO_FILTERS, Filters
 from customers_service.settings import setting
 
 _connections: dict[tuple, object] = {}
+LARGEST_SEQUENCE = 2**63 - 1  # both backends' largest integer
 
 
 class DatabaseNotReady(Exception):
@@ -62,7 +63,8 @@ class Store:
     def events_page(self, after: int, limit: int) -> tuple[list[dict], bool]:
         """Up to ``limit`` events after the sequence ``after``, in commit order, and whether more
         follow; raise event_storage.EventsExpired if some after it were pruned."""
-        return self.events.events_page(self.conn, after, limit)
+        # No sequence reaches 2**63 - 1: a larger after (any integer is valid) reads nothing.
+        return self.events.events_page(self.conn, min(after, LARGEST_SEQUENCE), limit)
 
     def prune_events(self, recorded_before: float) -> int:
         """Remove the events recorded before that Unix time; return how many."""

@@ -132,12 +132,16 @@ class Deliverer:
             self.unrecorded = []
 
     def send(self, delivery: dict) -> dict:
-        """POST one event to one endpoint; the outcome to record."""
-        event = event_object(delivery["event"])
-        body, headers = delivery_request(delivery["secret"], event)
-        outcome = {"endpoint": delivery["endpoint"], "event": event["sequence"]}
+        """POST one event to one endpoint; the outcome to record (never an exception: one
+        would leave the delivery leased until its lease ran out)."""
+        outcome = {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
         started = time.monotonic()
-        error = self.post(delivery["url"], body, headers)
+        try:
+            body, headers = delivery_request(delivery["secret"], event_object(delivery["event"]))
+            error = self.post(delivery["url"], body, headers)
+        except Exception as e:
+            error_log.exception("webhook endpoint=%s: unexpected error", delivery["endpoint"])
+            error = f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
         if error is None and time.monotonic() - started > self.settings.timeout:
             error = f"answered after more than {self.settings.timeout:g} s"
         if error is None:

@@ -109,6 +109,21 @@ def test_an_import_records_one_event_per_row_and_none_for_a_refused_row(client, 
     ]
 
 
+def test_an_import_row_the_database_refuses_records_no_event(client, runner, tmp_path):
+    taken = post_customer(client, {"customer_id": "owner", "name": "O"}).json["customer"]
+    rows = [
+        {"customer_id": "fine", "name": "F"},
+        {"customer_id": "thief", "name": "T", "lago_id": taken["lago_id"]},  # lago_id_taken
+        {"customer_id": "fine2", "name": "F2"},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"customer": row}) + "\n" for row in rows))
+    result = runner.invoke(args=["customers", "import", str(source)])
+    assert result.exit_code == 1 and "lago_id_taken" in result.output, result.output
+    events = all_events(client)
+    assert [e["customer"]["customer_id"] for e in events] == ["owner", "fine", "fine2"]
+
+
 def test_the_feed_pages_with_after_and_limit(client):
     for n in range(5):
         post_customer(client, {"customer_id": f"p{n}", "name": "P"})
@@ -126,6 +141,8 @@ def test_the_feed_pages_with_after_and_limit(client):
         "meta": {"last_sequence": last, "has_more": False},
     }
     assert feed(client, after=10**12)["meta"] == {"last_sequence": 10**12, "has_more": False}
+    huge = 10**30  # past every backend's integers: still just nothing after it
+    assert feed(client, after=huge)["meta"] == {"last_sequence": huge, "has_more": False}
     assert len(feed(client)["events"]) == 5  # the defaults: from the oldest, up to 100
 
 

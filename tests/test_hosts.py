@@ -21,6 +21,7 @@ from conftest import (
     WriteLoad,
     assert_all_acknowledged_present,
 )
+from test_events import run_writers_and_a_consumer
 
 from customers_service import storage_postgres
 
@@ -248,3 +249,9 @@ def test_a_host_cut_off_from_the_database_answers_503_and_recovers(deployment, n
     while requests.post(url, json=body, headers=AUTH, timeout=60).status_code != 200:
         assert time.monotonic() < deadline, "the host did not recover by itself"
         time.sleep(0.2)
+
+
+def test_a_consumer_paging_while_three_hosts_write_sees_every_change_once_in_order(deployment):
+    """Two writers on each host, a consumer paging the feed through nginx all along."""
+    writer_urls = [gunicorn.url for gunicorn in deployment.gunicorns] * 2
+    run_writers_and_a_consumer(deployment.nginx.url, writer_urls, count=50)

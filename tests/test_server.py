@@ -1,9 +1,12 @@
 """Against a real gunicorn with 2 workers on a loopback port: concurrency and Lago's client."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import API_KEY, AUTH, ROOT, SEED, answers, free_port
+from receiver import Receiver
 
 LAGO_VENV = ROOT / ".cache" / "lago-venv"
 
@@ -158,3 +162,93 @@ def test_flask_development_server_serves_the_api(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def session_processes(session_id: int) -> list[int]:
+    """The pids of the processes still in that session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session_id:
+                pids.append(int(entry.name))
+    return pids
+
+
+def runs_gunicorn(pid: int) -> bool:
+    """Whether the process is a gunicorn (its script is the second word of its command)."""
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return len(words) > 1 and words[1].endswith(b"gunicorn")
+
+
+def gunicorn_master(session_id: int) -> int:
+    """The pid of the gunicorn master among that session's processes."""
+    for pid in session_processes(session_id):
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if runs_gunicorn(pid) and not runs_gunicorn(parent):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError("no gunicorn master found")
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm to the group", "gunicorn ends"])
+def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_path, stop):
+    port = free_port()
+    env = {
+        **os.environ,
+        "CUSTOMERS_BIND": f"127.0.0.1:{port}",
+        "CUSTOMERS_WORKERS": "1",
+        "CUSTOMERS_DATABASE": str(tmp_path / "run.sqlite3"),
+        "CUSTOMERS_API_KEYS": API_KEY,
+        "CUSTOMERS_WEBHOOK_POLL_SECONDS": "0.05",
+    }
+    subprocess.run(["make", "-s", "-C", str(ROOT), f"{ROOT}/.venv/.installed"], check=True)
+    make = subprocess.Popen(
+        ["make", "-s", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own session and process group, as a terminal gives it
+    )
+    receiver = Receiver().start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert answers(url + "/health", make), "make run did not serve"
+        added = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "add-webhook"]
+            + [receiver.url],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        receiver.secret = json.loads(added.stdout)["secret"]
+        body = {"customer": SEED}
+        assert requests.post(url + "/api/v1/customers", json=body, headers=AUTH).status_code == 200
+        deadline = time.monotonic() + 30
+        while not receiver.delivered():
+            assert time.monotonic() < deadline, "the deliverer of make run sent nothing"
+            time.sleep(0.05)
+        assert receiver.arrivals[0].signed
+        if stop == "ctrl-c":
+            os.killpg(make.pid, signal.SIGINT)
+        elif stop == "sigterm to the group":
+            os.killpg(make.pid, signal.SIGTERM)
+        else:  # gunicorn alone stops: the deliverer must not outlive it
+            os.kill(gunicorn_master(make.pid), signal.SIGTERM)
+        make.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while session_processes(make.pid):
+            assert time.monotonic() < deadline, "a process of make run outlived it"
+            time.sleep(0.1)
+    finally:
+        receiver.stop()
+        for pid in session_processes(make.pid):  # only ours: the session this test started
+            os.kill(pid, signal.SIGKILL)
