@@ -1,10 +1,12 @@
 """The operator commands, ``flask customers ...``: the database, API keys, import and export,
 webhook endpoints and their deliverer."""
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import click
 from flask import current_app
@@ -55,6 +57,16 @@ def command_store(prepare: bool = False) -> Store:
         raise click.ClickException(str(e)) from None
     except backend().Error as e:
         raise click.ClickException(f"{where()}: {e}") from None
+
+
+@contextlib.contextmanager
+def opened_store() -> Iterator[Store]:
+    """command_store(), closed when the block ends."""
+    store = command_store()
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @cli.command("init-db")
@@ -181,11 +193,8 @@ def add_webhook_command(url: str) -> None:
         endpoint = new_endpoint(url, utc_now())
     except BadWebhookUrl as e:
         raise click.ClickException(f"{url!r}: {e}") from None
-    store = command_store()
-    try:
+    with opened_store() as store:
         store.add_webhook(endpoint)
-    finally:
-        store.close()
     print_json(endpoint)
     click.echo("The secret is not shown again: keep it now.", err=True)
 
@@ -193,23 +202,17 @@ def add_webhook_command(url: str) -> None:
 @cli.command("list-webhooks")
 def list_webhooks_command() -> None:
     """Show each webhook endpoint (without its secret), one line of JSON each."""
-    store = command_store()
-    try:
+    with opened_store() as store:
         for endpoint in store.list_webhooks():
             print_json(endpoint)
-    finally:
-        store.close()
 
 
 @cli.command("remove-webhook")
 @click.argument("endpoint_id")
 def remove_webhook_command(endpoint_id: str) -> None:
     """Remove an endpoint; what was queued for it is dropped."""
-    store = command_store()
-    try:
+    with opened_store() as store:
         removed = store.remove_webhook(endpoint_id)
-    finally:
-        store.close()
     if not removed:
         raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
     click.echo(f"Removed {endpoint_id}")
@@ -218,23 +221,17 @@ def remove_webhook_command(endpoint_id: str) -> None:
 @cli.command("webhook-status")
 def webhook_status_command() -> None:
     """Each endpoint's backlog, last error and failed events (the first 100), as JSON lines."""
-    store = command_store()
-    try:
+    with opened_store() as store:
         for endpoint in store.webhook_status():
             print_json(endpoint)
-    finally:
-        store.close()
 
 
 @cli.command("retry-webhooks")
 @click.argument("endpoint_id")
 def retry_webhooks_command(endpoint_id: str) -> None:
     """Queue the endpoint's failed events again, from their first try."""
-    store = command_store()
-    try:
+    with opened_store() as store:
         queued = store.retry_failed(endpoint_id)
-    finally:
-        store.close()
     if queued is None:
         raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
     click.echo(f"Queued {queued} failed events again for {endpoint_id}")
@@ -244,11 +241,8 @@ def retry_webhooks_command(endpoint_id: str) -> None:
 def prune_events_command() -> None:
     """Remove the events older than CUSTOMERS_EVENT_RETENTION_DAYS (the deliverer does this
     every minute; this is for a deployment that runs none)."""
-    store = command_store()
-    try:
+    with opened_store() as store:
         removed = store.prune_events(unix_now() - retention_seconds())
-    finally:
-        store.close()
     click.echo(f"Removed {removed} events")
 
 

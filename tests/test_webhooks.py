@@ -89,6 +89,19 @@ def receivers():
         receiver.stop()
 
 
+@pytest.fixture
+def registered(receivers, runner):
+    """Start receivers registered as endpoints, each knowing its secret: ``registered()``."""
+
+    def start() -> Receiver:
+        receiver = receivers()
+        receiver.endpoint = add_webhook(runner, receiver.url)
+        receiver.secret = receiver.endpoint["secret"]
+        return receiver
+
+    return start
+
+
 def add_webhook(runner, url: str) -> dict:
     result = runner.invoke(args=["customers", "add-webhook", url])
     assert result.exit_code == 0, result.output
@@ -203,10 +216,9 @@ def test_an_endpoint_gets_only_the_events_recorded_while_it_is_registered(
 
 
 def test_a_receiver_failing_the_first_tries_gets_each_event_again_in_order(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     # Each event: a 500, then a redirect (not followed), then a 503, then taken.
     answers = {1: 500, 2: 302, 3: 503}
     receiver.answer = lambda arrival: (answers.get(arrival.try_number, 200), 0.0)
@@ -226,10 +238,9 @@ def test_a_receiver_failing_the_first_tries_gets_each_event_again_in_order(
 
 
 def test_a_receiver_that_hangs_past_the_timeout_is_tried_again(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     # The first try of each event waits 2.5 s (the timeout is 1 s), then answers 200 too late.
     receiver.answer = lambda arrival: (200, 2.5) if arrival.try_number == 1 else (200, 0.0)
     events = change_customers(client, customers=2, changes_each=2)
@@ -242,10 +253,9 @@ def test_a_receiver_that_hangs_past_the_timeout_is_tried_again(
 
 
 def test_a_receiver_down_for_a_while_gets_everything_when_it_is_back(
-    client, runner, receivers, deliverers
+    client, runner, receivers, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     receiver.stop()
     events = change_customers(client, customers=3, changes_each=3)
     deliverers()
@@ -280,10 +290,9 @@ def test_given_up_events_are_failed_and_retry_webhooks_queues_them_again(
 
 
 def test_a_given_up_event_does_not_hold_back_the_customer_s_next_one(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     post_customer(client, {"customer_id": "x", "name": "first"})
     receiver.answer = lambda arrival: (500, 0.0) if arrival.try_number < 99 else (200, 0.0)
     deliverers(CUSTOMERS_WEBHOOK_RETRY_FOR_SECONDS="0.3")
@@ -295,10 +304,9 @@ def test_a_given_up_event_does_not_hold_back_the_customer_s_next_one(
 
 
 def test_a_deliverer_killed_mid_delivery_and_started_again_loses_nothing(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     receiver.answer = lambda arrival: (200, 0.2)
     events = change_customers(client, customers=4, changes_each=5)
     first = deliverers()
@@ -311,10 +319,9 @@ def test_a_deliverer_killed_mid_delivery_and_started_again_loses_nothing(
 
 
 def test_two_deliverers_at_once_deliver_each_event_once_in_order(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     receiver.answer = lambda arrival: (200, 0.01)
     events = change_customers(client, customers=10, changes_each=8)
     deliverers(), deliverers()
@@ -326,10 +333,9 @@ def test_two_deliverers_at_once_deliver_each_event_once_in_order(
 
 
 def test_sigterm_finishes_the_delivery_in_flight_and_records_it(
-    client, runner, receivers, deliverers
+    client, runner, registered, deliverers
 ):
-    receiver = receivers()
-    receiver.secret = add_webhook(runner, receiver.url)["secret"]
+    receiver = registered()
     receiver.answer = lambda arrival: (200, 0.8)
     post_customer(client, {"customer_id": "slow", "name": "S"})
     first = deliverers()
