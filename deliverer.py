@@ -40,6 +40,7 @@ class Deliverer:
     def __init__(self, open_store, settings: DelivererSettings):
         self.open_store, self.settings = open_store, settings
         self.store = None
+        self.unrecorded: list[dict] = []  # outcomes a database fault kept from being written
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stopping = threading.Event()
         self.http = urllib3.PoolManager(
@@ -57,7 +58,6 @@ class Deliverer:
         """Deliver until stop(); then wait for the deliveries in flight (each bounded by the
         timeout), record them, and give back anything leased but not sent."""
         in_flight: dict[Future, dict] = {}
-        self.unrecorded: list[dict] = []
         next_prune = 0.0
         with ThreadPoolExecutor(self.settings.concurrency, "deliver") as pool:
             try:
@@ -156,17 +156,19 @@ class Deliverer:
             )
         except urllib3.exceptions.HTTPError as e:
             return f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
+        whole = False
         try:
-            response.read(RESPONSE_READ)
+            response.read(RESPONSE_READ)  # the answer's body is ignored, up to this much
+            whole = not response.read(1)
             if response.status < 200 or response.status > 299:
                 return f"HTTP {response.status}"
         except urllib3.exceptions.HTTPError as e:
             return f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
         finally:
-            if response.length_remaining:  # an answer too long to read: drop the connection
-                response.close()
+            if whole:
+                response.release_conn()  # read to its end: the connection serves the next
             else:
-                response.release_conn()
+                response.close()
         return None
 
     def failure(self, delivery: dict, outcome: dict, error: str) -> dict:

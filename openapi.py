@@ -136,6 +136,54 @@ SUCCESSES = {
 }
 
 
+# What each webhook carries beside its body (the Event schema).
+WEBHOOK_HEADERS = {
+    "X-Lago-Unique-Key": "The event's `id`: the same on every repeat of this event, so a "
+    "receiver can skip one it has handled.",
+    "X-Lago-Signature-Algorithm": "Always `hmac`.",
+    "X-Lago-Signature": "Standard base64, with padding, of the HMAC-SHA256 of the exact body "
+    "bytes, keyed with the endpoint's secret (its UTF-8 bytes).",
+}
+WEBHOOK_TYPES = {
+    "customer.created": "A customer was created (by the API or an import).",
+    "customer.updated": "A customer was updated; sent for every 200, even with nothing changed.",
+    "customer.deleted": "A customer was deleted; `customer` is the object as it was.",
+}
+
+
+def _webhooks() -> dict:
+    """OpenAPI 3.1's webhooks: what the deliverer POSTs to each registered endpoint."""
+    return {
+        kind: {
+            "post": {
+                "summary": kind,
+                "operationId": "webhook_" + kind.replace(".", "_"),
+                "description": f"{description} Any 2xx within 10 seconds is a delivery; "
+                "anything else is retried, with backoff, for at least 24 hours.",
+                "security": [],
+                "parameters": [
+                    {
+                        "in": "header",
+                        "name": name,
+                        "required": True,
+                        "description": text,
+                        "schema": {"type": "string"},
+                    }
+                    for name, text in WEBHOOK_HEADERS.items()
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Event"}}
+                    },
+                },
+                "responses": {"200": {"description": "Delivered (any 2xx)."}},
+            }
+        }
+        for kind, description in WEBHOOK_TYPES.items()
+    }
+
+
 def _schema_name(schema) -> str:
     """Component names: the class name less "Schema", "Input" for the request's customer."""
     cls = schema if isinstance(schema, type) else type(schema)
@@ -247,6 +295,7 @@ def build_openapi(app: Flask) -> dict:
         path = rule_path.replace("<customer_id:customer_id>", "{customer_id}")
         spec.path(path=path, operations=operations)
     document = spec.to_dict()
+    document["webhooks"] = _webhooks()
     # Unknown keys are refused unless null (Lago clients send their whole model): say so exactly.
     components = document["components"]["schemas"]
     components["CustomerInput"]["additionalProperties"] = {"type": "null"}

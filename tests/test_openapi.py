@@ -201,6 +201,7 @@ def test_docs_page_renders_every_operation_in_chromium(server, chromium):
         "get_customer",
         "list_customers",
         "delete_customer",
+        "events_feed",
         "health",
     ):
         assert (
@@ -215,3 +216,16 @@ def test_docs_page_renders_every_operation_in_chromium(server, chromium):
 def test_docs_page_html_alone_has_no_operations(client):
     page = client.get("/docs").get_data(as_text=True)
     assert "upsert_customer" not in page
+
+
+def test_the_webhooks_are_documented_with_their_headers_and_body(client):
+    document = client.get("/api/v1/openapi.json").json
+    assert set(document["webhooks"]) == {"customer.created", "customer.updated", "customer.deleted"}
+    for webhook in document["webhooks"].values():
+        post = webhook["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/Event"}
+        headers = {p["name"] for p in post["parameters"] if p["in"] == "header"}
+        assert headers == {"X-Lago-Unique-Key", "X-Lago-Signature-Algorithm", "X-Lago-Signature"}
+    event = document["components"]["schemas"]["Event"]
+    assert event["properties"]["customer"]["$ref"] == "#/components/schemas/Customer"
