@@ -39,24 +39,21 @@ WHERE (endpoint, event) IN (
     SELECT d.endpoint, d.event FROM webhook_deliveries d INDEXED BY webhook_deliveries_by_event
     WHERE NOT d.failed AND d.next_try <= :now AND d.leased_until <= :now
         AND NOT EXISTS (
-            SELECT 1 FROM webhook_deliveries p
+            SELECT 1 FROM webhook_deliveries p INDEXED BY webhook_deliveries_per_customer
             WHERE p.endpoint = d.endpoint AND p.customer_id = d.customer_id
                 AND NOT p.failed AND p.event < d.event
         )
     ORDER BY d.event
     LIMIT :limit
 )
-RETURNING endpoint, event
+RETURNING endpoint, event, attempts, first_try
 """
-CLAIMED = f"""
-SELECT d.endpoint, w.url, w.secret, d.attempts, d.first_try,
-    {", ".join(f"e.{c}" for c in EVENT_COLUMNS.split(", "))}
-FROM webhook_deliveries d
-JOIN webhook_endpoints w ON w.id = d.endpoint
-JOIN events e ON e.sequence = d.event
-WHERE d.lease_owner = :owner AND d.leased_until = :lease_until
-ORDER BY d.event
-"""
+CLAIMED_EVENTS = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE sequence IN (SELECT value FROM json_each(?))"
+)
+CLAIMED_ENDPOINTS = (
+    "SELECT id, url, secret FROM webhook_endpoints WHERE id IN (SELECT value FROM json_each(?))"
+)
 DELIVERED = """
 DELETE FROM webhook_deliveries
 WHERE endpoint = :endpoint AND event = :event AND lease_owner = :owner
@@ -162,18 +159,24 @@ def claim_deliveries(
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
-        if not conn.execute(CLAIM, params).fetchall():
+        claimed = conn.execute(CLAIM, params).fetchall()
+        if not claimed:
             return []
-        rows = conn.execute(CLAIMED, params).fetchall()
-    return [claimed_row(row) for row in rows]
-
-
-def claimed_row(row) -> dict:
-    """A claimed delivery: endpoint, url, secret, attempts, first_try and its event."""
-    names = ("endpoint", "url", "secret", "attempts", "first_try")
-    delivery = dict(zip(names, row[:5], strict=True))
-    delivery["event"] = event_row(row[5:])
-    return delivery
+        sequences = json.dumps([row["event"] for row in claimed])
+        events = {row[0]: event_row(row) for row in conn.execute(CLAIMED_EVENTS, (sequences,))}
+        endpoint_ids = json.dumps(list({row["endpoint"] for row in claimed}))
+        endpoints = {row["id"]: row for row in conn.execute(CLAIMED_ENDPOINTS, (endpoint_ids,))}
+    return [
+        {
+            "endpoint": row["endpoint"],
+            "url": endpoints[row["endpoint"]]["url"],
+            "secret": endpoints[row["endpoint"]]["secret"],
+            "attempts": row["attempts"],
+            "first_try": row["first_try"],
+            "event": events[row["event"]],
+        }
+        for row in sorted(claimed, key=lambda row: row["event"])
+    ]
 
 
 def finish_deliveries(conn: sqlite3.Connection, owner: str, outcomes: list[dict]) -> None:
