@@ -10,8 +10,9 @@ and on PostgreSQL what the commit-order gate costs writers.
   deliveries per second from its start until the backlog is empty.
 - gate (PostgreSQL): 4 processes upserting new customers at once, each through its own
   connection, with the events trigger as shipped (the gate held shared from the sequence number
-  to the commit), with the same trigger less the gate, and with no events trigger at all; and
-  how long the feed's exclusive moment (events_horizon) takes while they write.
+  to the commit), alone and with a feed reader taking the gate exclusively every 10 ms; with the
+  same trigger less the gate; and with no events trigger at all; and how long the feed's
+  exclusive moment (events_horizon) takes while they write.
 """
 
 import argparse
@@ -53,17 +54,19 @@ arrivals = receiver.arrivals
 print(len(arrivals), sum(a.signed for a in arrivals), len({a.key for a in arrivals}), flush=True)
 """
 
+# One writer process: ready (imported, connected), it waits for the common start time, then
+# creates its customers and prints when it finished.
 WRITER = """
 import json, sys, time
 from customers_service import database
 from customers_service.app import create_app
-config, prefix, count = json.loads(sys.argv[1])
+config, prefix, count, start_at = json.loads(sys.argv[1])
 app = create_app({**config, "CUSTOMERS_API_KEYS": "bench-key"})
 store = database.open_store(app)
-started = time.perf_counter()
+time.sleep(max(0, start_at - time.time()))
 for i in range(count):
     store.upsert_customer({"customer_id": f"{prefix}-{i}", "name": f"N {i}"})
-print(count / (time.perf_counter() - started))
+print(time.time())
 """
 
 # The events trigger as shipped, less the gate (for the gate's cost only: never shipped).
@@ -175,19 +178,19 @@ def delivery_rate(config: dict, count: int) -> tuple[float, str]:
 
 
 def writers_rate(config: dict, label: str, writers: int, count: int) -> float:
-    """Upserts per second of ``writers`` processes together, each creating ``count``."""
+    """Upserts per second of ``writers`` processes together, each creating ``count``, from a
+    common start (after their imports and connections) to the last one's end."""
+    start_at = time.time() + 2
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, json.dumps([config, f"{label}-{n}", count])],
+            [sys.executable, "-c", WRITER, json.dumps([config, f"{label}-{n}", count, start_at])],
             stdout=subprocess.PIPE,
             text=True,
         )
         for n in range(writers)
     ]
-    started = time.perf_counter()
-    for process in processes:
-        process.wait(timeout=600)
-    return writers * count / (time.perf_counter() - started)
+    finished = [float(process.communicate(timeout=600)[0]) for process in processes]
+    return writers * count / (max(finished) - start_at)
 
 
 def horizon_times(url: str, stop) -> list[float]:
@@ -204,54 +207,60 @@ def horizon_times(url: str, stop) -> list[float]:
     return times
 
 
+# (label, database, whether a feed reader takes the gate every 10 ms meanwhile)
+GATE_VARIANTS = (
+    ("gate", "gate", False),
+    ("gate, the feed asked every 10 ms", "gate", True),
+    ("no gate", "no_gate", False),
+    ("no events", "no_events", False),
+)
+
+
 def gate_cost(cluster, rounds: int, writers: int = 4, count: int = 1500) -> None:
-    """Upserts per second with the gate, without it, and without events; the feed's moment."""
+    """Upserts per second with the gate (alone, and with a feed reader taking it 100 times a
+    second), without it, and without events; how long the feed's moment takes."""
     import threading
 
     import psycopg
 
-    variants = {}
-    for variant in ("gate", "no gate", "no events"):
-        name = variant.replace(" ", "_")
+    configs = {}
+    for name in ("gate", "no_gate", "no_events"):
         cluster.admin(f"CREATE DATABASE {name}")
-        config = {"CUSTOMERS_DATABASE_URL": cluster.url(name)}
-        database.prepare_database(app_for(config))
+        configs[name] = {"CUSTOMERS_DATABASE_URL": cluster.url(name)}
+        database.prepare_database(app_for(configs[name]))
         with psycopg.connect(cluster.url(name), autocommit=True) as conn:
             source = conn.execute(
                 "SELECT pg_get_functiondef('customers_event'::regproc)"
             ).fetchone()[0]
-            if variant == "no gate":
+            if name == "no_gate":
                 conn.execute(source.replace(*NO_GATE))
-            if variant == "no events":
+            if name == "no_events":
                 conn.execute("DROP TRIGGER customers_events ON customers")
-        variants[variant] = config
     database.close_connections()
-    rates = {variant: [] for variant in variants}
+    rates = {label: [] for label, _, _ in GATE_VARIANTS}
     horizons = []
     for round_ in range(rounds):
-        for variant, config in variants.items():
-            stop = threading.Event()
-            sampled = []
-            sampler = None
-            if variant == "gate":
-                url = config["CUSTOMERS_DATABASE_URL"]
-                sampler = threading.Thread(
-                    target=lambda url, stop, sampled: sampled.extend(horizon_times(url, stop)),
-                    args=(url, stop, sampled),
-                )
+        for number, (label, name, with_reader) in enumerate(GATE_VARIANTS):
+            config = configs[name]
+            stop, sampled = threading.Event(), []
+            sampler = threading.Thread(
+                target=lambda url, stop, sampled: sampled.extend(horizon_times(url, stop)),
+                args=(config["CUSTOMERS_DATABASE_URL"], stop, sampled),
+            )
+            if with_reader:
                 sampler.start()
-            rates[variant].append(writers_rate(config, f"r{round_}", writers, count))
+            rates[label].append(writers_rate(config, f"v{number}r{round_}", writers, count))
             stop.set()
-            if sampler is not None:
+            if with_reader:
                 sampler.join()
                 horizons += sampled
     print(f"\n### PostgreSQL: {writers} processes upserting new customers at once\n")
     print("| events trigger | upserts/s (median of rounds) | ratio to no events |")
     print("|---|---|---|")
     none = statistics.median(rates["no events"])
-    for variant, values in rates.items():
+    for label, values in rates.items():
         median = statistics.median(values)
-        print(f"| {variant} | {median:,.0f} | {median / none:.2f} |")
+        print(f"| {label} | {median:,.0f} | {median / none:.2f} |")
     horizons.sort()
     print(
         f"\nevents_horizon() during that load: {len(horizons)} calls, median "
