@@ -343,7 +343,7 @@ def test_sigterm_finishes_the_delivery_in_flight_and_records_it(
     first = deliverers()
     wait_until(lambda: len(receiver.arrivals) == 1, what="the delivery to start")
     assert first.stop(signal.SIGTERM) == 0, first.log()
-    assert receiver.arrivals[0].status == 200
+    wait_until(lambda: receiver.arrivals[0].status == 200, what="the answer")
     assert status(runner)[0]["backlog"] == 0  # recorded: no other deliverer sends it again
     assert "deliverer stopped" in first.log()
 
