@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint system-packages bench
 
-# The webhook deliverer runs beside gunicorn, and is stopped with it (Ctrl-C, or gunicorn ending).
+# The webhook deliverer runs beside gunicorn and stops with it: Ctrl-C or a SIGTERM to make
+# (which make passes on to this shell) stops both; gunicorn ending alone stops the deliverer.
 run: $(VENV)/.installed
 	@$(BIN)/flask --app wsgi customers init-db
 	@$(BIN)/flask --app wsgi customers deliver-webhooks & deliverer=$$!; \
-	trap 'kill $$deliverer 2>/dev/null; wait $$deliverer' EXIT; \
-	trap 'exit 130' INT; trap 'exit 143' TERM; \
-	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app & server=$$!; \
+	trap 'kill -TERM $$server $$deliverer 2>/dev/null' INT TERM; \
+	wait $$server; wait $$server; \
+	kill -TERM $$deliverer 2>/dev/null; wait $$deliverer
 
 test: $(VENV)/.installed lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -273,7 +273,7 @@ def deliver_webhooks_command() -> None:
     flight). Run one per host, under a process manager; several share the work."""
     command_store().close()  # a clear message now if the database is not there
     app = current_app._get_current_object()
-    deliverer = Deliverer(lambda: open_store(app, durable=False), deliverer_settings())
+    deliverer = Deliverer(lambda: open_store(app), deliverer_settings())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: deliverer.stop())
     click.echo(f"delivering webhooks from {where()} (pid {os.getpid()})", err=True)

@@ -90,6 +90,10 @@ class Store:
         """Record the outcome of leased deliveries: delivered, retry later or given up."""
         self.events.finish_deliveries(self.conn, owner, outcomes)
 
+    def renew_leases(self, owner: str, lease_until: float) -> None:
+        """Extend the leases ``owner`` holds (the deliveries it is sending)."""
+        self.events.renew_leases(self.conn, owner, lease_until)
+
     def release_deliveries(self, owner: str) -> None:
         """Give back the deliveries ``owner`` leased and did not finish."""
         self.events.release_deliveries(self.conn, owner)
@@ -176,12 +180,10 @@ def prepare_database(app: Flask) -> str:
     return where(app)
 
 
-def open_store(app: Flask | None = None, durable: bool = True) -> Store:
-    """A new Store on the existing, migrated database, for a command; the caller closes it.
-    Not ``durable``, its commits may be lost to a power cut (the deliverer's: at worst, a
-    delivery is made again)."""
+def open_store(app: Flask | None = None) -> Store:
+    """A new Store on the existing, migrated database, for a command; the caller closes it."""
     conns = connections(app)
-    return Store(backend(app), conns.open(durable), conns)
+    return Store(backend(app), conns.open(), conns)
 
 
 def get_store() -> Store:

@@ -58,7 +58,7 @@ class Deliverer:
         """Deliver until stop(); then wait for the deliveries in flight (each bounded by the
         timeout), record them, and give back anything leased but not sent."""
         in_flight: dict[Future, dict] = {}
-        next_prune = 0.0
+        next_prune = next_renewal = 0.0
         with ThreadPoolExecutor(self.settings.concurrency, "deliver") as pool:
             try:
                 while not self.stopping.is_set():
@@ -67,6 +67,9 @@ class Deliverer:
                         if time.monotonic() >= next_prune:
                             self.prune()
                             next_prune = time.monotonic() + self.settings.prune_every
+                        if in_flight and time.monotonic() >= next_renewal:
+                            self._renew_leases()
+                            next_renewal = time.monotonic() + self.settings.lease / 3
                         claimed = self._claim(self.settings.concurrency - len(in_flight))
                     except Exception as e:  # the database is away: wait, then start afresh
                         self._lost_database(e)
@@ -117,6 +120,12 @@ class Deliverer:
         now = unix_now()
         return self._connected().claim_deliveries(self.owner, now, now + self.settings.lease, room)
 
+    def _renew_leases(self) -> None:
+        """Extend the leases of the deliveries in flight: a receiver slower than the lease
+        (one that sends its answer a byte at a time) must not make another deliverer send the
+        same event meanwhile. A deliverer that dies stops renewing, and its leases run out."""
+        self._connected().renew_leases(self.owner, unix_now() + self.settings.lease)
+
     def _record_done(self, in_flight: dict) -> None:
         """Move the outcomes of finished deliveries out of ``in_flight``."""
         for future in [future for future in in_flight if future.done()]:
@@ -135,40 +144,43 @@ class Deliverer:
         """POST one event to one endpoint; the outcome to record (never an exception: one
         would leave the delivery leased until its lease ran out)."""
         outcome = {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
-        started = time.monotonic()
         try:
             body, headers = delivery_request(delivery["secret"], event_object(delivery["event"]))
             error = self.post(delivery["url"], body, headers)
         except Exception as e:
             error_log.exception("webhook endpoint=%s: unexpected error", delivery["endpoint"])
             error = f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
-        if error is None and time.monotonic() - started > self.settings.timeout:
-            error = f"answered after more than {self.settings.timeout:g} s"
         if error is None:
             return outcome
         return self.failure(delivery, outcome, error)
 
     def post(self, url: str, body: bytes, headers: dict) -> str | None:
-        """None if the endpoint answered 2xx, else what went wrong."""
+        """None if the endpoint answered 2xx within the timeout, else what went wrong. The
+        status decides: the answer's body is read (up to RESPONSE_READ) only to keep the
+        connection for the next delivery, and a body that fails to come is no failure."""
+        started = time.monotonic()
         try:
             response = self.http.request(
                 "POST", url, body=body, headers=headers, redirect=False, preload_content=False
             )
         except urllib3.exceptions.HTTPError as e:
             return f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
+        answered_after = time.monotonic() - started
         whole = False
         try:
-            response.read(RESPONSE_READ)  # the answer's body is ignored, up to this much
+            response.read(RESPONSE_READ)
             whole = not response.read(1)
-            if response.status < 200 or response.status > 299:
-                return f"HTTP {response.status}"
-        except urllib3.exceptions.HTTPError as e:
-            return f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
+        except urllib3.exceptions.HTTPError:
+            pass
         finally:
             if whole:
                 response.release_conn()  # read to its end: the connection serves the next
             else:
                 response.close()
+        if not 200 <= response.status <= 299:
+            return f"HTTP {response.status}"
+        if answered_after > self.settings.timeout:
+            return f"answered after more than {self.settings.timeout:g} s"
         return None
 
     def failure(self, delivery: dict, outcome: dict, error: str) -> dict:

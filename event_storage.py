@@ -67,6 +67,9 @@ WHERE endpoint = :endpoint AND event = :event AND lease_owner = :owner
 ENDPOINT_ERROR = """
 UPDATE webhook_endpoints SET last_error = :error, last_error_at = :error_at WHERE id = :endpoint
 """
+RENEW = """
+UPDATE webhook_deliveries SET leased_until = ? WHERE lease_owner = ?
+"""
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = ?
 """
@@ -108,7 +111,18 @@ def events_page(conn: sqlite3.Connection, after: int, limit: int) -> tuple[list[
         rows = conn.execute(SELECT_EVENTS, (after, limit + 1)).fetchall()
     if 0 < after < pruned:
         raise EventsExpired()
+    if rows:
+        on_disk(conn)
     return [event_row(row) for row in rows[:limit]], len(rows) > limit
+
+
+def on_disk(conn: sqlite3.Connection) -> None:
+    """With FULL, return once every commit this connection has seen is on disk. A commit is
+    visible before its writer's fsync (storage.write): an event handed out, then lost to a power
+    cut, would have its number taken again by another change."""
+    durability = getattr(conn, "durability", None)
+    if durability is not None:
+        durability.after_commit()
 
 
 def prune_events(conn: sqlite3.Connection, recorded_before: float) -> int:
@@ -155,7 +169,8 @@ def claim_deliveries(
     conn: sqlite3.Connection, owner: str, now: float, lease_until: float, limit: int
 ) -> list[dict]:
     """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
-    each with its endpoint's url and secret, its tries so far and its event."""
+    each with its endpoint's url and secret, its tries so far and its event. With FULL, write()
+    returns once the lease is on disk, and with it every change it read (see on_disk)."""
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
@@ -191,6 +206,12 @@ def finish_deliveries(conn: sqlite3.Connection, owner: str, outcomes: list[dict]
             else:
                 conn.execute(NOT_DELIVERED, params)
                 conn.execute(ENDPOINT_ERROR, params)
+
+
+def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> None:
+    """Extend every lease ``owner`` holds to ``lease_until``."""
+    with write(conn):
+        conn.execute(RENEW, (lease_until, owner))
 
 
 def release_deliveries(conn: sqlite3.Connection, owner: str) -> None:

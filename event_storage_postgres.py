@@ -42,9 +42,13 @@ DELETE_ENDPOINT = (
 )
 
 # SQLite: the same choice; here the rows another deliverer is leasing right now are skipped.
+# The joins are inside the choice: a row whose endpoint was removed while its change committed
+# (remove-webhook cannot see a delivery not yet committed) is never chosen, so it cannot take
+# the place of a live one; pruning deletes it (ORPHANS).
 CLAIM = f"""
 WITH claimed AS (
-    SELECT c.endpoint, c.event FROM webhook_deliveries c
+    SELECT c.endpoint, c.event, w.url, w.secret FROM webhook_deliveries c
+    JOIN webhook_endpoints w ON w.id = c.endpoint
     WHERE NOT c.failed AND c.next_try <= %(now)s AND c.leased_until <= %(now)s
         AND NOT EXISTS (
             SELECT 1 FROM webhook_deliveries p
@@ -53,13 +57,16 @@ WITH claimed AS (
         )
     ORDER BY c.event
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF c SKIP LOCKED
 )
 UPDATE webhook_deliveries d SET leased_until = %(lease_until)s, lease_owner = %(owner)s
-FROM claimed, webhook_endpoints w, events e
-WHERE d.endpoint = claimed.endpoint AND d.event = claimed.event
-    AND w.id = d.endpoint AND e.sequence = d.event
-RETURNING d.endpoint, w.url, w.secret, d.attempts, d.first_try, {EVENT_COLUMNS}
+FROM claimed, events e
+WHERE d.endpoint = claimed.endpoint AND d.event = claimed.event AND e.sequence = d.event
+RETURNING d.endpoint, claimed.url, claimed.secret, d.attempts, d.first_try, {EVENT_COLUMNS}
+"""
+ORPHANS = """
+DELETE FROM webhook_deliveries d
+WHERE NOT EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.id = d.endpoint)
 """
 DELIVERED = """
 DELETE FROM webhook_deliveries
@@ -74,6 +81,9 @@ WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
 ENDPOINT_ERROR = """
 UPDATE webhook_endpoints SET last_error = %(error)s, last_error_at = %(error_at)s
 WHERE id = %(endpoint)s
+"""
+RENEW = """
+UPDATE webhook_deliveries SET leased_until = %s WHERE lease_owner = %s
 """
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = %s
@@ -121,6 +131,7 @@ def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[
 def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
     """Remove the oldest events recorded before that Unix time (and their deliveries), as one
     run of sequences from the oldest, never past the horizon; return how many."""
+    conn.execute(ORPHANS)
     removed, last = 0, horizon(conn)
     while True:
         rows = conn.execute(OLDEST_EVENTS, (last, PRUNE_BATCH)).fetchall()
@@ -184,6 +195,11 @@ def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]
             else:
                 cursor.execute(NOT_DELIVERED, params)
                 cursor.execute(ENDPOINT_ERROR, params)
+
+
+def renew_leases(conn: psycopg.Connection, owner: str, lease_until: float) -> None:
+    """Extend every lease ``owner`` holds to ``lease_until``."""
+    conn.execute(RENEW, (lease_until, owner))
 
 
 def release_deliveries(conn: psycopg.Connection, owner: str) -> None:

@@ -767,11 +767,9 @@ class Connections:
         finally:
             conn.close()
 
-    def open(self, durable: bool = True) -> Connection:
-        """A connection of its own, for a command; the caller closes it. Not ``durable``, its
-        commits survive a crash of the process but maybe not a power cut (NORMAL)."""
-        synchronous = self.synchronous if durable else "NORMAL"
-        return connect_ready(self.path, synchronous=synchronous, timeout=self.timeout)
+    def open(self) -> Connection:
+        """A connection of its own, for a command; the caller closes it."""
+        return connect_ready(self.path, synchronous=self.synchronous, timeout=self.timeout)
 
     def acquire(self) -> Connection:
         """This thread's connection, checked to still be the file at the path."""

@@ -595,13 +595,9 @@ class Connections:
         finally:
             conn.close()
 
-    def open(self, durable: bool = True) -> psycopg.Connection:
-        """A connection of its own, for a command; the caller closes it. Not ``durable``, its
-        commits return before they reach the disk (synchronous_commit off)."""
-        conn = connect_ready(self.url, self.statement_timeout)
-        if not durable:
-            conn.execute("SET synchronous_commit = off")
-        return conn
+    def open(self) -> psycopg.Connection:
+        """A connection of its own, for a command; the caller closes it."""
+        return connect_ready(self.url, self.statement_timeout)
 
     def acquire(self) -> psycopg.Connection:
         """A connection from this process's pool."""

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import urllib3
+
 from customers_service.events import event_body
 
 
@@ -18,16 +20,20 @@ class BadWebhookUrl(ValueError):
 
 
 def check_url(url: str) -> str:
-    """The URL if it is an absolute http(s) URL with a host, or BadWebhookUrl saying why."""
+    """The URL if the deliverer can POST to it: absolute http(s), with a host, no credentials
+    (they would not be sent: the signature is the proof), no spaces; else BadWebhookUrl."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise BadWebhookUrl("the URL must not hold spaces or control characters")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError on a bad port)
-    except ValueError as e:
+        parsed = urllib3.util.parse_url(url)  # what the deliverer's client will make of it
+    except (ValueError, urllib3.exceptions.LocationParseError) as e:
         raise BadWebhookUrl(f"not a URL: {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parsed.host:
         raise BadWebhookUrl("the URL must be absolute, http:// or https://, with a host")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise BadWebhookUrl("the URL must not hold spaces or control characters")
+    if parts.username is not None or parts.password is not None:
+        raise BadWebhookUrl("the URL must not hold credentials (user:password@)")
     return url
 
 

@@ -27,6 +27,7 @@ class Arrival:
     try_number: int  # 1 for the first request with this X-Lago-Unique-Key
     at: float  # time.monotonic() of its arrival
     status: int | None = None  # set once answered
+    answered_at: float | None = None  # time.monotonic() when the answer was sent
 
 
 def lago_signature_is_valid(secret: str, body: bytes, signature: str) -> bool:
@@ -73,8 +74,9 @@ class Receiver:
                     self.end_headers()
                     self.wfile.write(b"ok")
                     self.wfile.flush()
-                except OSError:  # the deliverer gave up waiting and closed
-                    pass
+                except OSError:  # the deliverer gave up waiting and closed: no answer given
+                    return
+                arrival.answered_at = time.monotonic()
                 arrival.status = status
 
             def log_message(self, *args):

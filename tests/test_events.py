@@ -224,9 +224,18 @@ def consume_while(url: str, running: threading.Event, pages: list) -> None:
                 time.sleep(0.01)
 
 
-def write_in_turn(url: str, writer: int, ids: list[str], acked: list, count: int) -> None:
+def write_in_turn(
+    url: str, writer: int, ids: list[str], acked: list, count: int, errors: list
+) -> None:
     """One client's changes, one after the other: upserts with a name no other change uses, and
-    now and then a delete; each 200 is appended to ``acked``."""
+    now and then a delete; each 200 is appended to ``acked``, a failure to ``errors``."""
+    try:
+        _write_in_turn(url, writer, ids, acked, count)
+    except Exception as e:  # a thread's exception is otherwise lost: the test reports it
+        errors.append(repr(e))
+
+
+def _write_in_turn(url: str, writer: int, ids: list[str], acked: list, count: int) -> None:
     with requests.Session() as session:
         session.headers.update(AUTH)
         for n in range(count):
@@ -286,12 +295,15 @@ def run_writers_and_a_consumer(url: str, writer_urls: list[str], count: int) -> 
     consumer pages the feed on ``url``; then check what the consumer collected."""
     ids = [f"shared-{n}" for n in range(12)]
     acked_by_writer = [[] for _ in writer_urls]
+    errors = []
     running, pages = threading.Event(), []
     running.set()
     consumer = threading.Thread(target=consume_while, args=(url, running, pages))
     consumer.start()
     writers = [
-        threading.Thread(target=write_in_turn, args=(writer_url, n, ids, acked_by_writer[n], count))
+        threading.Thread(
+            target=write_in_turn, args=(writer_url, n, ids, acked_by_writer[n], count, errors)
+        )
         for n, writer_url in enumerate(writer_urls)
     ]
     try:
@@ -303,6 +315,7 @@ def run_writers_and_a_consumer(url: str, writer_urls: list[str], count: int) -> 
         running.clear()
         consumer.join(timeout=60)
     assert not consumer.is_alive()
+    assert errors == []
     assert len(pages) > 3, "the consumer did not read during the load"
     assert_feed_matches_the_changes(pages, acked_by_writer, all_customers(url))
 

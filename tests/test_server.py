@@ -196,7 +196,9 @@ def gunicorn_master(session_id: int) -> int:
     raise AssertionError("no gunicorn master found")
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm to the group", "gunicorn ends"])
+@pytest.mark.parametrize(
+    "stop", ["ctrl-c", "sigterm to the group", "sigterm to make", "gunicorn ends"]
+)
 def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_path, stop):
     port = free_port()
     env = {
@@ -241,6 +243,8 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
             os.killpg(make.pid, signal.SIGINT)
         elif stop == "sigterm to the group":
             os.killpg(make.pid, signal.SIGTERM)
+        elif stop == "sigterm to make":  # a process manager's stop: make passes it on
+            make.terminate()
         else:  # gunicorn alone stops: the deliverer must not outlive it
             os.kill(gunicorn_master(make.pid), signal.SIGTERM)
         make.wait(timeout=30)
