@@ -106,9 +106,10 @@ WHERE endpoint = %s AND failed
 """
 
 
-def horizon(conn: psycopg.Connection) -> int:
+def horizon(conn: psycopg.Connection) -> int | None:
     """The last sequence number whose transaction has ended: none at or below it can appear
-    later (one round trip; the gate is held exclusively for that moment only)."""
+    later (one round trip; the gate is held exclusively for that moment only). None when the
+    gate stayed taken for the whole wait (a commit of many rows)."""
     return conn.execute(HORIZON).fetchone()["horizon"]
 
 
@@ -120,7 +121,8 @@ def event_row(row: dict) -> dict:
 def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[dict], bool]:
     """Up to ``limit`` events after ``after``, in commit order, and whether more follow; raise
     EventsExpired if an event after ``after`` (not 0) was pruned."""
-    params = {"after": after, "horizon": horizon(conn), "limit": limit + 1}
+    # No horizon now: read nothing new (after itself), which is always safe.
+    params = {"after": after, "horizon": horizon(conn) or after, "limit": limit + 1}
     rows = conn.execute(SELECT_EVENTS, params).fetchall()
     if 0 < after < rows[0]["up_to"]:
         raise EventsExpired()
@@ -133,6 +135,8 @@ def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
     run of sequences from the oldest, never past the horizon; return how many."""
     conn.execute(ORPHANS)
     removed, last = 0, horizon(conn)
+    if last is None:
+        return 0  # the gate is busy: prune next time
     while True:
         rows = conn.execute(OLDEST_EVENTS, (last, PRUNE_BATCH)).fetchall()
         prefix = next(

@@ -41,6 +41,7 @@ NETWORK = {
 }
 MIGRATION_LOCK = 7_366_012_001  # pg_advisory_xact_lock key: "customers" migrations
 EVENTS_GATE = 7_366_012_002  # shared by writers at commit, exclusive for a moment by the feed
+HORIZON_WAIT_MS = 100  # the longest the feed waits for the gate
 COUNT_SHARDS = 16
 # Row locks, not one write lock, so an import makes no live writer wait for a lock; but they
 # share the CPU: half a pause (storage.py) keeps the live p99 well under 100 ms while an import
@@ -198,11 +199,17 @@ MIGRATIONS = (
            AFTER INSERT OR UPDATE OR DELETE ON customers
            DEFERRABLE INITIALLY DEFERRED
            FOR EACH ROW EXECUTE FUNCTION customers_event()""",
+        # Writers that come while the feed waits for the gate queue behind it: it waits
+        # 100 ms at most (a commit of many rows can hold the gate longer) and then answers
+        # NULL, and the feed an empty page, which is always safe.
         f"""CREATE FUNCTION events_horizon() RETURNS bigint LANGUAGE plpgsql AS $$
             BEGIN
+                PERFORM set_config('lock_timeout', '{HORIZON_WAIT_MS}ms', true);
                 PERFORM pg_advisory_xact_lock({EVENTS_GATE});
                 RETURN (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
                         FROM events_sequence);
+            EXCEPTION WHEN lock_not_available THEN
+                RETURN NULL;
             END $$""",
     ),
 )

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer, psycopg_connect
+from conftest import AUTH, SEED, post_customer, psycopg_connect, started_app
 
 from customers_service import database
 
@@ -325,20 +325,17 @@ def test_a_consumer_paging_during_concurrent_writes_sees_every_change_once_in_or
     run_writers_and_a_consumer(server.url, [server.url] * 6, count=60)
 
 
-def test_postgres_feed_waits_for_a_commit_that_holds_a_lower_number(postgres):
+def test_postgres_feed_never_hands_out_a_number_above_one_still_in_flight(postgres):
     """The window the gate closes, held open on purpose: a transaction takes its number (its
     event's trigger made to fire at once with SET CONSTRAINTS ... IMMEDIATE, where it would
-    otherwise fire at commit) and stays open while a later one commits. The feed must not hand
-    out the later number until the earlier transaction has ended."""
-    from conftest import started_app
-
+    otherwise fire at commit) and stays open while a later one commits. Until the earlier
+    transaction ends, the feed must not hand out the later number: it waits for the gate 100 ms
+    at most, then answers an empty page; once the earlier commits, it hands out both in order."""
     name = postgres.new_database()
     url = postgres.url(name)
     try:
-        app = started_app(
-            {"CUSTOMERS_DATABASE_URL": url, "CUSTOMERS_API_KEYS": AUTH["Authorization"][7:]}
-        )
-        client = app.test_client()
+        config = {"CUSTOMERS_DATABASE_URL": url, "CUSTOMERS_API_KEYS": AUTH["Authorization"][7:]}
+        client = started_app(config).test_client()
         with psycopg_connect(url) as early:
             early.execute("BEGIN")
             early.execute("SET CONSTRAINTS customers_events IMMEDIATE")
@@ -347,15 +344,15 @@ def test_postgres_feed_waits_for_a_commit_that_holds_a_lower_number(postgres):
                 " VALUES (gen_random_uuid(), 'early', 'E', now(), now())"
             )
             assert post_customer(client, {"customer_id": "late", "name": "L"}).status_code == 200
-            pages = []
-            reader = threading.Thread(target=lambda: pages.append(feed(client)))
-            reader.start()
-            reader.join(timeout=1)
-            assert reader.is_alive(), f"the feed answered while a lower number was open: {pages}"
+            started = time.monotonic()
+            while_open = feed(client)
+            waited = time.monotonic() - started
+            assert post_customer(client, {"customer_id": "later", "name": "L"}).status_code == 200
             early.execute("COMMIT")
-            reader.join(timeout=10)
-        (page,) = pages
-        assert [e["customer"]["customer_id"] for e in page["events"]] == ["early", "late"]
+        assert while_open == {"events": [], "meta": {"last_sequence": 0, "has_more": False}}
+        assert waited >= 0.1  # it waited for the gate before giving up
+        after_commit = [e["customer"]["customer_id"] for e in feed(client)["events"]]
+        assert after_commit == ["early", "late", "later"]
     finally:
         database.close_connections()
         postgres.drop_database(name)
