@@ -82,9 +82,16 @@ class Store:
         """Remove an endpoint and its queue; False if there is none."""
         return self.events.remove_webhook(self.conn, endpoint_id)
 
-    def claim_deliveries(self, owner: str, now: float, lease_until: float, limit: int) -> list:
-        """Lease up to ``limit`` due deliveries, each the next of its endpoint and customer."""
-        return self.events.claim_deliveries(self.conn, owner, now, lease_until, limit)
+    def claim_deliveries(
+        self, owner: str, now: float, lease_until: float, limit: int, excluded: list[str] = ()
+    ) -> list:
+        """Lease up to ``limit`` due deliveries, each the next of its endpoint and customer,
+        none for the ``excluded`` endpoints."""
+        return self.events.claim_deliveries(self.conn, owner, now, lease_until, limit, excluded)
+
+    def release_some(self, owner: str, deliveries: list[dict]) -> None:
+        """Give back these leased deliveries (endpoint, event), unsent."""
+        self.events.release_some(self.conn, owner, deliveries)
 
     def finish_deliveries(self, owner: str, outcomes: list[dict]) -> None:
         """Record the outcome of leased deliveries: delivered, retry later or given up."""

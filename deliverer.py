@@ -34,6 +34,38 @@ class DelivererSettings:
     prune_every: float = 60.0
 
 
+class Unreachable:
+    """Endpoints that did not answer (no connection, or no answer in time). While one keeps
+    failing, it gets one delivery at a time, and none while it cools down (the retry schedule,
+    counted in its failures in a row), so a dead endpoint cannot hold every thread while each
+    try waits out the timeout, and starve the others. Any answer, even an error status, ends
+    its streak."""
+
+    def __init__(self, schedule: RetrySchedule):
+        self.schedule = schedule
+        self.streak: dict[str, int] = {}
+        self.cooling_until: dict[str, float] = {}
+
+    def record(self, endpoint: str, answered: bool, now: float) -> None:
+        """Note how a try to ``endpoint`` went."""
+        if answered:
+            self.streak.pop(endpoint, None)
+            self.cooling_until.pop(endpoint, None)
+            return
+        self.streak[endpoint] = self.streak.get(endpoint, 0) + 1
+        wait = self.schedule.first * 2 ** (self.streak[endpoint] - 1)
+        self.cooling_until[endpoint] = now + min(wait, self.schedule.longest)
+
+    def excluded(self, in_flight: dict, now: float) -> list[str]:
+        """The endpoints not to lease deliveries for now."""
+        busy = {delivery["endpoint"] for delivery in in_flight.values()}
+        return [
+            endpoint
+            for endpoint in self.streak
+            if self.cooling_until[endpoint] > now or endpoint in busy
+        ]
+
+
 class Deliverer:
     """One deliverer process's loop, on one Store (a connection of its own)."""
 
@@ -43,6 +75,7 @@ class Deliverer:
         self.unrecorded: list[dict] = []  # outcomes a database fault kept from being written
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.stopping = threading.Event()
+        self.unreachable = Unreachable(settings.retry)
         self.http = urllib3.PoolManager(
             num_pools=64,
             maxsize=settings.concurrency,
@@ -70,7 +103,7 @@ class Deliverer:
                         if in_flight and time.monotonic() >= next_renewal:
                             self._renew_leases()
                             next_renewal = time.monotonic() + self.settings.lease / 3
-                        claimed = self._claim(self.settings.concurrency - len(in_flight))
+                        claimed = self._claim(self.settings.concurrency - len(in_flight), in_flight)
                     except Exception as e:  # the database is away: wait, then start afresh
                         self._lost_database(e)
                         continue
@@ -113,12 +146,32 @@ class Deliverer:
             self.store = self.open_store()
         return self.store
 
-    def _claim(self, room: int) -> list[dict]:
-        """Lease up to ``room`` due deliveries."""
+    def _claim(self, room: int, in_flight: dict) -> list[dict]:
+        """Lease up to ``room`` due deliveries (none for an endpoint that is failing and busy
+        or cooling down)."""
         if room <= 0:
             return []
         now = unix_now()
-        return self._connected().claim_deliveries(self.owner, now, now + self.settings.lease, room)
+        excluded = self.unreachable.excluded(in_flight, now)
+        claimed = self._connected().claim_deliveries(
+            self.owner, now, now + self.settings.lease, room, excluded
+        )
+        return self._one_per_failing_endpoint(claimed)
+
+    def _one_per_failing_endpoint(self, claimed: list[dict]) -> list[dict]:
+        """The claimed deliveries less all but the first of each failing endpoint (given back
+        at once: they were due, so nothing is lost)."""
+        kept, extra, seen = [], [], set()
+        for delivery in claimed:
+            endpoint = delivery["endpoint"]
+            if endpoint in self.unreachable.streak and endpoint in seen:
+                extra.append({"endpoint": endpoint, "event": delivery["event"]["sequence"]})
+            else:
+                kept.append(delivery)
+                seen.add(endpoint)
+        if extra:
+            self._connected().release_some(self.owner, extra)
+        return kept
 
     def _renew_leases(self) -> None:
         """Extend the leases of the deliveries in flight: a receiver slower than the lease
@@ -128,8 +181,11 @@ class Deliverer:
 
     def _record_done(self, in_flight: dict) -> None:
         """Move the outcomes of finished deliveries out of ``in_flight``."""
+        now = unix_now()
         for future in [future for future in in_flight if future.done()]:
-            self.unrecorded.append(future.result())
+            outcome = future.result()
+            self.unreachable.record(outcome["endpoint"], outcome.pop("answered"), now)
+            self.unrecorded.append(outcome)
             del in_flight[future]
 
     def _record(self, in_flight: dict) -> None:
@@ -141,30 +197,32 @@ class Deliverer:
             self.unrecorded = []
 
     def send(self, delivery: dict) -> dict:
-        """POST one event to one endpoint; the outcome to record (never an exception: one
-        would leave the delivery leased until its lease ran out)."""
+        """POST one event to one endpoint; the outcome to record, with ``answered`` (whether
+        the endpoint answered at all). Never an exception: one would leave the delivery leased
+        until its lease ran out."""
         outcome = {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
         try:
             body, headers = delivery_request(delivery["secret"], event_object(delivery["event"]))
-            error = self.post(delivery["url"], body, headers)
+            error, answered = self.post(delivery["url"], body, headers)
         except Exception as e:
             error_log.exception("webhook endpoint=%s: unexpected error", delivery["endpoint"])
-            error = f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
-        if error is None:
-            return outcome
-        return self.failure(delivery, outcome, error)
+            error, answered = f"{type(e).__name__}: {e}"[:ERROR_LENGTH], True
+        if error is not None:
+            outcome = self.failure(delivery, outcome, error)
+        return {**outcome, "answered": answered}
 
-    def post(self, url: str, body: bytes, headers: dict) -> str | None:
-        """None if the endpoint answered 2xx within the timeout, else what went wrong. The
-        status decides: the answer's body is read (up to RESPONSE_READ) only to keep the
-        connection for the next delivery, and a body that fails to come is no failure."""
+    def post(self, url: str, body: bytes, headers: dict) -> tuple[str | None, bool]:
+        """(None if the endpoint answered 2xx within the timeout, else what went wrong;
+        whether it answered at all). The status decides: the answer's body is read (up to
+        RESPONSE_READ) only to keep the connection for the next delivery, and a body that fails
+        to come is no failure."""
         started = time.monotonic()
         try:
             response = self.http.request(
                 "POST", url, body=body, headers=headers, redirect=False, preload_content=False
             )
         except urllib3.exceptions.HTTPError as e:
-            return f"{type(e).__name__}: {e}"[:ERROR_LENGTH]
+            return f"{type(e).__name__}: {e}"[:ERROR_LENGTH], False
         answered_after = time.monotonic() - started
         whole = False
         try:
@@ -178,10 +236,10 @@ class Deliverer:
             else:
                 response.close()
         if not 200 <= response.status <= 299:
-            return f"HTTP {response.status}"
+            return f"HTTP {response.status}", True
         if answered_after > self.settings.timeout:
-            return f"answered after more than {self.settings.timeout:g} s"
-        return None
+            return f"answered after more than {self.settings.timeout:g} s", False
+        return None, True
 
     def failure(self, delivery: dict, outcome: dict, error: str) -> dict:
         """The outcome of a failed try: when to try again, or given up."""

@@ -38,6 +38,7 @@ UPDATE webhook_deliveries SET leased_until = :lease_until, lease_owner = :owner
 WHERE (endpoint, event) IN (
     SELECT d.endpoint, d.event FROM webhook_deliveries d INDEXED BY webhook_deliveries_by_event
     WHERE NOT d.failed AND d.next_try <= :now AND d.leased_until <= :now
+        AND d.endpoint NOT IN (SELECT value FROM json_each(:excluded))
         AND NOT EXISTS (
             SELECT 1 FROM webhook_deliveries p INDEXED BY webhook_deliveries_per_customer
             WHERE p.endpoint = d.endpoint AND p.customer_id = d.customer_id
@@ -69,6 +70,10 @@ UPDATE webhook_endpoints SET last_error = :error, last_error_at = :error_at WHER
 """
 RENEW = """
 UPDATE webhook_deliveries SET leased_until = ? WHERE lease_owner = ?
+"""
+RELEASE_ONE = """
+UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL
+WHERE endpoint = :endpoint AND event = :event AND lease_owner = :owner
 """
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = ?
@@ -166,12 +171,18 @@ def remove_webhook(conn: sqlite3.Connection, endpoint_id: str) -> bool:
 
 
 def claim_deliveries(
-    conn: sqlite3.Connection, owner: str, now: float, lease_until: float, limit: int
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    lease_until: float,
+    limit: int,
+    excluded: list[str] = (),
 ) -> list[dict]:
     """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
     each with its endpoint's url and secret, its tries so far and its event. With FULL, write()
     returns once the lease is on disk, and with it every change it read (see on_disk)."""
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
+    params["excluded"] = json.dumps(list(excluded))
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
         claimed = conn.execute(CLAIM, params).fetchall()
@@ -212,6 +223,12 @@ def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> No
     """Extend every lease ``owner`` holds to ``lease_until``."""
     with write(conn):
         conn.execute(RENEW, (lease_until, owner))
+
+
+def release_some(conn: sqlite3.Connection, owner: str, deliveries: list[dict]) -> None:
+    """Give back these leased deliveries (endpoint, event), unsent."""
+    with write(conn):
+        conn.executemany(RELEASE_ONE, [{**d, "owner": owner} for d in deliveries])
 
 
 def release_deliveries(conn: sqlite3.Connection, owner: str) -> None:

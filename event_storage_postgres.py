@@ -50,6 +50,7 @@ WITH claimed AS (
     SELECT c.endpoint, c.event, w.url, w.secret FROM webhook_deliveries c
     JOIN webhook_endpoints w ON w.id = c.endpoint
     WHERE NOT c.failed AND c.next_try <= %(now)s AND c.leased_until <= %(now)s
+        AND c.endpoint <> ALL(%(excluded)s::text[])
         AND NOT EXISTS (
             SELECT 1 FROM webhook_deliveries p
             WHERE p.endpoint = c.endpoint AND p.customer_id = c.customer_id
@@ -84,6 +85,10 @@ WHERE id = %(endpoint)s
 """
 RENEW = """
 UPDATE webhook_deliveries SET leased_until = %s WHERE lease_owner = %s
+"""
+RELEASE_ONE = """
+UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL
+WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
 """
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = %s
@@ -173,11 +178,17 @@ def remove_webhook(conn: psycopg.Connection, endpoint_id: str) -> bool:
 
 
 def claim_deliveries(
-    conn: psycopg.Connection, owner: str, now: float, lease_until: float, limit: int
+    conn: psycopg.Connection,
+    owner: str,
+    now: float,
+    lease_until: float,
+    limit: int,
+    excluded: list[str] = (),
 ) -> list[dict]:
     """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
     each with its endpoint's url and secret, its tries so far and its event."""
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
+    params["excluded"] = list(excluded)
     rows = conn.execute(CLAIM, params).fetchall()
     rows.sort(key=lambda row: row["sequence"])
     return [
@@ -204,6 +215,12 @@ def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]
 def renew_leases(conn: psycopg.Connection, owner: str, lease_until: float) -> None:
     """Extend every lease ``owner`` holds to ``lease_until``."""
     conn.execute(RENEW, (lease_until, owner))
+
+
+def release_some(conn: psycopg.Connection, owner: str, deliveries: list[dict]) -> None:
+    """Give back these leased deliveries (endpoint, event), unsent."""
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.executemany(RELEASE_ONE, [{**d, "owner": owner} for d in deliveries])
 
 
 def release_deliveries(conn: psycopg.Connection, owner: str) -> None:

@@ -416,3 +416,21 @@ def test_the_deliverer_rides_out_a_postgres_restart(postgres, tmp_path, receiver
         process.stop()
         database.close_connections()
         postgres.drop_database(name)
+
+
+def test_an_endpoint_that_stops_answering_gets_one_try_at_a_time_and_starves_no_other(
+    client, registered, deliverers
+):
+    dead, alive = registered(), registered()
+    dead.answer = lambda arrival: (200, 3.0)  # long after the 1 s timeout: never in time
+    events = change_customers(client, customers=16, changes_each=1)
+    deliverers()
+    wait_until(lambda: len(alive.delivered()) == len(events), what="the live endpoint's events")
+    time.sleep(3)
+    # Once its first tries have timed out (1 s after the first), the dead endpoint gets one try
+    # at a time, each waiting out the timeout, then a pause: never several at once again.
+    first = dead.arrivals[0].at
+    later = [arrival.at for arrival in dead.arrivals if arrival.at > first + 2.0]
+    assert later, "no try after the first ones"
+    gaps = [b - a for a, b in itertools.pairwise(later)]
+    assert all(gap >= 0.9 for gap in gaps), gaps
