@@ -36,7 +36,7 @@ DELETE_ENDPOINT = (
 CLAIM = """
 UPDATE webhook_deliveries SET leased_until = :lease_until, lease_owner = :owner
 WHERE (endpoint, event) IN (
-    SELECT d.endpoint, d.event FROM webhook_deliveries d INDEXED BY webhook_deliveries_by_event
+    SELECT d.endpoint, d.event FROM webhook_deliveries d
     WHERE NOT d.failed AND d.next_try <= :now AND d.leased_until <= :now
         AND d.endpoint NOT IN (SELECT value FROM json_each(:excluded))
         AND NOT EXISTS (

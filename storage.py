@@ -179,7 +179,9 @@ MIGRATIONS = (
             last_error_at TEXT
         )""",
         # One row per event and endpoint until it is delivered (then deleted) or given up
-        # (failed = 1). Times are Unix seconds.
+        # (failed = 1). Times are Unix seconds. Two B-trees only, since every change writes a
+        # row per endpoint: the key, in event order (the deliverer's walk, pruning), and the
+        # per-customer index (the order rule; an endpoint's rows: status, retry, removal).
         """CREATE TABLE webhook_deliveries (
             endpoint TEXT NOT NULL,
             event INTEGER NOT NULL,
@@ -191,12 +193,10 @@ MIGRATIONS = (
             leased_until REAL NOT NULL DEFAULT 0,
             lease_owner TEXT,
             last_error TEXT,
-            PRIMARY KEY (endpoint, event)
+            PRIMARY KEY (event, endpoint)
         ) WITHOUT ROWID""",
         """CREATE INDEX webhook_deliveries_per_customer
            ON webhook_deliveries (endpoint, customer_id, event)""",
-        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (failed, next_try)",
-        "CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries (event)",
         *(
             event_trigger(operation, kind, row)
             for operation, kind, row in (

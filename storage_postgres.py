@@ -158,12 +158,10 @@ MIGRATIONS = (
             leased_until double precision NOT NULL DEFAULT 0,
             lease_owner text,
             last_error text,
-            PRIMARY KEY (endpoint, event)
+            PRIMARY KEY (event, endpoint)
         )""",
         """CREATE INDEX webhook_deliveries_per_customer
            ON webhook_deliveries (endpoint, customer_id, event)""",
-        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (failed, next_try)",
-        "CREATE INDEX webhook_deliveries_by_event ON webhook_deliveries (event)",
         # Each change's event is written when its transaction commits (a deferred trigger),
         # holding EVENTS_GATE shared from its sequence number until its commit is visible.
         # The feed takes the gate exclusively for a moment (events_horizon): every number
