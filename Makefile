@@ -12,8 +12,9 @@ run: $(VENV)/.installed
 	@$(BIN)/flask --app wsgi customers deliver-webhooks & deliverer=$$!; \
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app & server=$$!; \
 	trap 'kill -TERM $$server $$deliverer 2>/dev/null' INT TERM; \
-	wait $$server; wait $$server; \
-	kill -TERM $$deliverer 2>/dev/null; wait $$deliverer
+	wait $$server; status=$$?; wait $$server 2>/dev/null; again=$$?; \
+	[ $$again -eq 127 ] || status=$$again; \
+	kill -TERM $$deliverer 2>/dev/null; wait $$deliverer; exit $$status
 
 test: $(VENV)/.installed lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

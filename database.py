@@ -97,9 +97,9 @@ class Store:
         """Record the outcome of leased deliveries: delivered, retry later or given up."""
         self.events.finish_deliveries(self.conn, owner, outcomes)
 
-    def renew_leases(self, owner: str, lease_until: float) -> None:
-        """Extend the leases ``owner`` holds (the deliveries it is sending)."""
-        self.events.renew_leases(self.conn, owner, lease_until)
+    def renew_leases(self, owner: str, lease_until: float, deliveries: list[dict]) -> None:
+        """Extend ``owner``'s leases of these deliveries (endpoint, event)."""
+        self.events.renew_leases(self.conn, owner, lease_until, deliveries)
 
     def release_deliveries(self, owner: str) -> None:
         """Give back the deliveries ``owner`` leased and did not finish."""

@@ -45,13 +45,19 @@ class Unreachable:
         self.schedule = schedule
         self.streak: dict[str, int] = {}
         self.cooling_until: dict[str, float] = {}
+        self.failed_at: dict[str, float] = {}
 
-    def record(self, endpoint: str, answered: bool, now: float) -> None:
-        """Note how a try to ``endpoint`` went."""
+    def record(self, endpoint: str, answered: bool, tried_at: float, now: float) -> None:
+        """Note how a try to ``endpoint``, started at ``tried_at``, went. Tries that were
+        already under way when a failure was noted count as that same failure: eight tries
+        failing together in one outage are one failure in the streak, not eight."""
         if answered:
-            self.streak.pop(endpoint, None)
-            self.cooling_until.pop(endpoint, None)
+            for table in (self.streak, self.cooling_until, self.failed_at):
+                table.pop(endpoint, None)
             return
+        if tried_at < self.failed_at.get(endpoint, float("-inf")):
+            return
+        self.failed_at[endpoint] = now
         self.streak[endpoint] = self.streak.get(endpoint, 0) + 1
         wait = self.schedule.first * 2 ** (self.streak[endpoint] - 1)
         self.cooling_until[endpoint] = now + min(wait, self.schedule.longest)
@@ -88,20 +94,20 @@ class Deliverer:
         self.stopping.set()
 
     def run(self) -> None:
-        """Deliver until stop(); then wait for the deliveries in flight (each bounded by the
-        timeout), record them, and give back anything leased but not sent."""
+        """Deliver until stop(); then wait for the deliveries in flight (renewing their leases
+        meanwhile), record them, and give back anything leased but not sent."""
         in_flight: dict[Future, dict] = {}
         next_prune = next_renewal = 0.0
         with ThreadPoolExecutor(self.settings.concurrency, "deliver") as pool:
             try:
                 while not self.stopping.is_set():
+                    if time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + self.settings.prune_every
+                        self.prune()
                     try:
                         self._record(in_flight)
-                        if time.monotonic() >= next_prune:
-                            self.prune()
-                            next_prune = time.monotonic() + self.settings.prune_every
                         if in_flight and time.monotonic() >= next_renewal:
-                            self._renew_leases()
+                            self._renew_leases(in_flight)
                             next_renewal = time.monotonic() + self.settings.lease / 3
                         claimed = self._claim(self.settings.concurrency - len(in_flight), in_flight)
                     except Exception as e:  # the database is away: wait, then start afresh
@@ -114,9 +120,20 @@ class Deliverer:
                     elif not claimed:
                         self.stopping.wait(self.settings.poll)
             finally:
-                wait(in_flight)
-                self._record_done(in_flight)
+                self._drain(in_flight)
                 self._finish()
+
+    def _drain(self, in_flight: dict) -> None:
+        """Wait for the deliveries in flight to end, renewing their leases meanwhile (a slow
+        receiver must not get a second copy from another deliverer while we wait)."""
+        while in_flight:
+            wait(in_flight, self.settings.lease / 3)
+            self._record_done(in_flight)
+            if in_flight:
+                try:
+                    self._renew_leases(in_flight)
+                except Exception as e:
+                    error_log.error("deliverer: could not renew leases: %s", str(e).strip())
 
     def _finish(self) -> None:
         """Record the last outcomes and give back the leases; if the database is away, the
@@ -173,18 +190,24 @@ class Deliverer:
             self._connected().release_some(self.owner, extra)
         return kept
 
-    def _renew_leases(self) -> None:
+    def _renew_leases(self, in_flight: dict) -> None:
         """Extend the leases of the deliveries in flight: a receiver slower than the lease
-        (one that sends its answer a byte at a time) must not make another deliverer send the
-        same event meanwhile. A deliverer that dies stops renewing, and its leases run out."""
-        self._connected().renew_leases(self.owner, unix_now() + self.settings.lease)
+        must not make another deliverer send the same event meanwhile. Only those: a lease
+        whose delivery never reached a thread (a fault between the claim and here) runs out.
+        A deliverer that dies stops renewing, and its leases run out too."""
+        keys = [
+            {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
+            for delivery in in_flight.values()
+        ]
+        self._connected().renew_leases(self.owner, unix_now() + self.settings.lease, keys)
 
     def _record_done(self, in_flight: dict) -> None:
         """Move the outcomes of finished deliveries out of ``in_flight``."""
         now = unix_now()
         for future in [future for future in in_flight if future.done()]:
             outcome = future.result()
-            self.unreachable.record(outcome["endpoint"], outcome.pop("answered"), now)
+            answered, tried_at = outcome.pop("answered"), outcome.pop("tried_at")
+            self.unreachable.record(outcome["endpoint"], answered, tried_at, now)
             self.unrecorded.append(outcome)
             del in_flight[future]
 
@@ -201,6 +224,7 @@ class Deliverer:
         the endpoint answered at all). Never an exception: one would leave the delivery leased
         until its lease ran out."""
         outcome = {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
+        tried_at = unix_now()
         try:
             body, headers = delivery_request(delivery["secret"], event_object(delivery["event"]))
             error, answered = self.post(delivery["url"], body, headers)
@@ -209,7 +233,7 @@ class Deliverer:
             error, answered = f"{type(e).__name__}: {e}"[:ERROR_LENGTH], True
         if error is not None:
             outcome = self.failure(delivery, outcome, error)
-        return {**outcome, "answered": answered}
+        return {**outcome, "answered": answered, "tried_at": tried_at}
 
     def post(self, url: str, body: bytes, headers: dict) -> tuple[str | None, bool]:
         """(None if the endpoint answered 2xx within the timeout, else what went wrong;
@@ -226,8 +250,7 @@ class Deliverer:
         answered_after = time.monotonic() - started
         whole = False
         try:
-            response.read(RESPONSE_READ)
-            whole = not response.read(1)
+            whole = self._read_body(response, started + self.settings.timeout)
         except urllib3.exceptions.HTTPError:
             pass
         finally:
@@ -240,6 +263,19 @@ class Deliverer:
         if answered_after > self.settings.timeout:
             return f"answered after more than {self.settings.timeout:g} s", False
         return None, True
+
+    def _read_body(self, response, deadline: float) -> bool:
+        """Read the answer's body (ignored) until its end, RESPONSE_READ bytes or the deadline,
+        whichever comes first; whether it was read to its end. Each read returns what one
+        receive brings, so a body sent a byte at a time cannot hold the thread past the
+        deadline by more than one read's timeout."""
+        read = 0
+        while read <= RESPONSE_READ and time.monotonic() < deadline:
+            chunk = response.read1(16384)
+            if not chunk:
+                return True
+            read += len(chunk)
+        return False
 
     def failure(self, delivery: dict, outcome: dict, error: str) -> dict:
         """The outcome of a failed try: when to try again, or given up."""
@@ -266,7 +302,12 @@ class Deliverer:
         }
 
     def prune(self) -> None:
-        """Remove the events older than the retention."""
-        removed = self._connected().prune_events(unix_now() - self.settings.retention)
+        """Remove the events older than the retention (a few thousand at a time: the loop
+        goes on meanwhile). A failure is logged and tried again at the next prune."""
+        try:
+            removed = self._connected().prune_events(unix_now() - self.settings.retention)
+        except Exception as e:
+            error_log.error("deliverer: could not prune events: %s", str(e).strip())
+            return
         if removed:
             error_log.info("pruned %d events older than the retention", removed)

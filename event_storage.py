@@ -21,6 +21,7 @@ PRUNE = (
     "UPDATE events_pruned SET up_to = max(up_to, :up_to)",
 )
 PRUNE_BATCH = 1000
+PRUNE_BATCHES = 10  # at most, per call: the deliverer's loop goes on between calls
 
 INSERT_ENDPOINT = """
 INSERT INTO webhook_endpoints (id, url, secret, created_at) VALUES (?, ?, ?, ?)
@@ -69,7 +70,8 @@ ENDPOINT_ERROR = """
 UPDATE webhook_endpoints SET last_error = :error, last_error_at = :error_at WHERE id = :endpoint
 """
 RENEW = """
-UPDATE webhook_deliveries SET leased_until = ? WHERE lease_owner = ?
+UPDATE webhook_deliveries SET leased_until = :lease_until
+WHERE event = :event AND endpoint = :endpoint AND lease_owner = :owner
 """
 RELEASE_ONE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL
@@ -132,9 +134,9 @@ def on_disk(conn: sqlite3.Connection) -> None:
 
 def prune_events(conn: sqlite3.Connection, recorded_before: float) -> int:
     """Remove the oldest events recorded before that Unix time (and their deliveries), as one
-    run of sequences from the oldest; return how many."""
+    run of sequences from the oldest, up to PRUNE_BATCHES batches; return how many."""
     removed = 0
-    while True:
+    for _ in range(PRUNE_BATCHES):
         rows = conn.execute(OLDEST_EVENTS, (PRUNE_BATCH,)).fetchall()
         prefix = next((i for i, (_, at) in enumerate(rows) if at >= recorded_before), len(rows))
         if prefix == 0:
@@ -145,7 +147,8 @@ def prune_events(conn: sqlite3.Connection, recorded_before: float) -> int:
                 conn.execute(statement, {"up_to": rows[prefix - 1][0]})
         removed += prefix
         if prefix < PRUNE_BATCH:
-            return removed
+            break
+    return removed
 
 
 def add_webhook(conn: sqlite3.Connection, endpoint: dict) -> None:
@@ -219,10 +222,13 @@ def finish_deliveries(conn: sqlite3.Connection, owner: str, outcomes: list[dict]
                 conn.execute(ENDPOINT_ERROR, params)
 
 
-def renew_leases(conn: sqlite3.Connection, owner: str, lease_until: float) -> None:
-    """Extend every lease ``owner`` holds to ``lease_until``."""
+def renew_leases(
+    conn: sqlite3.Connection, owner: str, lease_until: float, deliveries: list[dict]
+) -> None:
+    """Extend ``owner``'s leases of these deliveries (endpoint, event) to ``lease_until``."""
+    params = [{**d, "owner": owner, "lease_until": lease_until} for d in deliveries]
     with write(conn):
-        conn.execute(RENEW, (lease_until, owner))
+        conn.executemany(RENEW, params)
 
 
 def release_some(conn: sqlite3.Connection, owner: str, deliveries: list[dict]) -> None:

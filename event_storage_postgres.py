@@ -7,6 +7,7 @@ held the gate, so they never hand out a number below one a later commit could st
 import psycopg
 
 from customers_service.event_storage import EventsExpired
+from customers_service.storage_postgres import EVENTS_GATE
 
 EVENT_COLUMNS = "e.sequence, e.id::text AS id, e.webhook_type, e.created_at, e.customer"
 
@@ -30,6 +31,11 @@ PRUNE = (
     "UPDATE events_pruned SET up_to = greatest(up_to, %(up_to)s)",
 )
 PRUNE_BATCH = 1000
+PRUNE_BATCHES = 10  # at most, per call: the deliverer's loop goes on between calls
+# remove-webhook takes the events gate exclusively before its deletes: a change that is
+# committing has read the endpoints under the gate (customers_event), so its delivery rows are
+# committed before the removal deletes, and any later change no longer sees the endpoint.
+EXCLUSIVE_GATE = "SELECT pg_advisory_xact_lock(%s)"
 
 INSERT_ENDPOINT = """
 INSERT INTO webhook_endpoints (id, url, secret, created_at)
@@ -42,9 +48,6 @@ DELETE_ENDPOINT = (
 )
 
 # SQLite: the same choice; here the rows another deliverer is leasing right now are skipped.
-# The joins are inside the choice: a row whose endpoint was removed while its change committed
-# (remove-webhook cannot see a delivery not yet committed) is never chosen, so it cannot take
-# the place of a live one; pruning deletes it (ORPHANS).
 CLAIM = f"""
 WITH claimed AS (
     SELECT c.endpoint, c.event, w.url, w.secret FROM webhook_deliveries c
@@ -65,10 +68,6 @@ FROM claimed, events e
 WHERE d.endpoint = claimed.endpoint AND d.event = claimed.event AND e.sequence = d.event
 RETURNING d.endpoint, claimed.url, claimed.secret, d.attempts, d.first_try, {EVENT_COLUMNS}
 """
-ORPHANS = """
-DELETE FROM webhook_deliveries d
-WHERE NOT EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.id = d.endpoint)
-"""
 DELIVERED = """
 DELETE FROM webhook_deliveries
 WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
@@ -84,7 +83,8 @@ UPDATE webhook_endpoints SET last_error = %(error)s, last_error_at = %(error_at)
 WHERE id = %(endpoint)s
 """
 RENEW = """
-UPDATE webhook_deliveries SET leased_until = %s WHERE lease_owner = %s
+UPDATE webhook_deliveries SET leased_until = %(lease_until)s
+WHERE event = %(event)s AND endpoint = %(endpoint)s AND lease_owner = %(owner)s
 """
 RELEASE_ONE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL
@@ -138,11 +138,10 @@ def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[
 def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
     """Remove the oldest events recorded before that Unix time (and their deliveries), as one
     run of sequences from the oldest, never past the horizon; return how many."""
-    conn.execute(ORPHANS)
     removed, last = 0, horizon(conn)
     if last is None:
         return 0  # the gate is busy: prune next time
-    while True:
+    for _ in range(PRUNE_BATCHES):
         rows = conn.execute(OLDEST_EVENTS, (last, PRUNE_BATCH)).fetchall()
         prefix = next(
             (i for i, row in enumerate(rows) if row["recorded_at"] >= recorded_before), len(rows)
@@ -154,7 +153,8 @@ def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
                 conn.execute(statement, {"up_to": rows[prefix - 1]["sequence"]})
         removed += prefix
         if prefix < PRUNE_BATCH:
-            return removed
+            break
+    return removed
 
 
 def add_webhook(conn: psycopg.Connection, endpoint: dict) -> None:
@@ -170,6 +170,7 @@ def list_webhooks(conn: psycopg.Connection) -> list[dict]:
 def remove_webhook(conn: psycopg.Connection, endpoint_id: str) -> bool:
     """Remove an endpoint and what was queued for it; False if there is none."""
     with conn.transaction():
+        conn.execute(EXCLUSIVE_GATE, (EVENTS_GATE,))
         if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
             return False
         for statement in DELETE_ENDPOINT:
@@ -212,9 +213,13 @@ def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]
                 cursor.execute(ENDPOINT_ERROR, params)
 
 
-def renew_leases(conn: psycopg.Connection, owner: str, lease_until: float) -> None:
-    """Extend every lease ``owner`` holds to ``lease_until``."""
-    conn.execute(RENEW, (lease_until, owner))
+def renew_leases(
+    conn: psycopg.Connection, owner: str, lease_until: float, deliveries: list[dict]
+) -> None:
+    """Extend ``owner``'s leases of these deliveries (endpoint, event) to ``lease_until``."""
+    params = [{**d, "owner": owner, "lease_until": lease_until} for d in deliveries]
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.executemany(RENEW, params)
 
 
 def release_some(conn: psycopg.Connection, owner: str, deliveries: list[dict]) -> None:

@@ -67,6 +67,9 @@ class Receiver:
                 if delay:
                     time.sleep(delay)
                 extra = {"Location": receiver.url + "/elsewhere"} if 300 <= status < 400 else {}
+                # Noted before sending: the deliverer may act on the answer before this thread
+                # runs again. Taken back if the answer could not be sent.
+                arrival.answered_at, arrival.status = time.monotonic(), status
                 try:
                     self.send_response(status)
                     for name, value in {"Content-Length": "2", **extra}.items():
@@ -75,9 +78,7 @@ class Receiver:
                     self.wfile.write(b"ok")
                     self.wfile.flush()
                 except OSError:  # the deliverer gave up waiting and closed: no answer given
-                    return
-                arrival.answered_at = time.monotonic()
-                arrival.status = status
+                    arrival.answered_at = arrival.status = None
 
             def log_message(self, *args):
                 pass

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -256,3 +257,32 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
         receiver.stop()
         for pid in session_processes(make.pid):  # only ours: the session this test started
             os.kill(pid, signal.SIGKILL)
+
+
+def test_make_run_fails_when_gunicorn_cannot_start_and_leaves_nothing_running(tmp_path):
+    with socket.socket() as taken:  # gunicorn cannot bind a port already in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "CUSTOMERS_BIND": f"127.0.0.1:{taken.getsockname()[1]}",
+            "CUSTOMERS_DATABASE": str(tmp_path / "run.sqlite3"),
+            "CUSTOMERS_API_KEYS": API_KEY,
+        }
+        make = subprocess.Popen(
+            ["make", "-s", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            assert make.wait(timeout=60) != 0
+            deadline = time.monotonic() + 15
+            while session_processes(make.pid):
+                assert time.monotonic() < deadline, "the deliverer outlived a failed start"
+                time.sleep(0.1)
+        finally:
+            for pid in session_processes(make.pid):
+                os.kill(pid, signal.SIGKILL)
