@@ -241,8 +241,10 @@ def retry_webhooks_command(endpoint_id: str) -> None:
 def prune_events_command() -> None:
     """Remove the events older than CUSTOMERS_EVENT_RETENTION_DAYS (the deliverer does this
     every minute; this is for a deployment that runs none)."""
+    removed, recorded_before = 0, unix_now() - retention_seconds()
     with opened_store() as store:
-        removed = store.prune_events(unix_now() - retention_seconds())
+        while pruned := store.prune_events(recorded_before):  # a few thousand at a time
+            removed += pruned
     click.echo(f"Removed {removed} events")
 
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 from conftest import AUTH, SEED, post_customer, psycopg_connect, started_app
 
-from customers_service import database
+from customers_service import database, storage
 
 EVENT_KEYS = ["id", "sequence", "webhook_type", "object_type", "created_at", "customer"]
 API_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -356,3 +356,21 @@ def test_postgres_feed_never_hands_out_a_number_above_one_still_in_flight(postgr
     finally:
         database.close_connections()
         postgres.drop_database(name)
+
+
+def test_prune_events_removes_them_all_however_many(app, client, runner, backend):
+    store = database.open_store(app)
+    try:
+        now = storage.utc_now()
+        for start in range(0, 12_000, 4000):
+            rows = [
+                storage.upsert_params({"customer_id": f"many{i}", "name": "M"}, now)
+                for i in range(start, start + 4000)
+            ]
+            store.import_batch(rows)
+    finally:
+        store.close()
+    backend.execute_many("UPDATE events SET recorded_at = ?", [(0.0,)])
+    result = runner.invoke(args=["customers", "prune-events"])  # past one call's 10,000
+    assert "Removed 12000 events" in result.output, result.output
+    assert feed(client)["events"] == []
