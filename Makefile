@@ -8,8 +8,8 @@ BIN := $(VENV)/bin
 # The webhook deliverer runs beside gunicorn and stops with it: Ctrl-C or a SIGTERM to make
 # (which make passes on to this shell) stops both; gunicorn ending alone stops the deliverer.
 run: $(VENV)/.installed
-	@$(BIN)/flask --app wsgi customers init-db
-	@$(BIN)/flask --app wsgi customers deliver-webhooks & deliverer=$$!; \
+	@$(BIN)/python -m customers_service customers init-db
+	@$(BIN)/python -m customers_service customers deliver-webhooks & deliverer=$$!; \
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app & server=$$!; \
 	trap 'kill -TERM $$server $$deliverer 2>/dev/null' INT TERM; \
 	wait $$server; status=$$?; wait $$server 2>/dev/null; again=$$?; \

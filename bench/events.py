@@ -28,6 +28,7 @@ import time
 import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FLASK = (sys.executable, "-m", "customers_service", "customers")
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
@@ -95,7 +96,7 @@ def record_changes(config: dict, count: int, prefix: str) -> None:
 def flask_command(config: dict, *args: str, **kwargs):
     env = {**os.environ, **{k: str(v) for k, v in config.items()}, "CUSTOMERS_API_KEYS": KEY}
     return subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", *args],
+        [*FLASK, *args],
         cwd=ROOT,
         env=env,
         **kwargs,

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from customers_service.schemas import SEED_EXAMPLE  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-FLASK = [sys.executable, "-m", "flask", "--app", "wsgi", "customers"]
+FLASK = [sys.executable, "-m", "customers_service", "customers"]
 
 
 def make_file(path: str, rows: int) -> None:

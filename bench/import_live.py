@@ -23,6 +23,7 @@ import time
 import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FLASK = (sys.executable, "-m", "customers_service", "customers")
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -43,7 +44,7 @@ def run_import(env: dict, path: str) -> float:
     """Rows per second of ``flask customers import`` into the database that ``env`` names."""
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "import", path],
+        [*FLASK, "import", path],
         cwd=ROOT,
         env={**os.environ, **env},
         check=True,
@@ -116,7 +117,7 @@ def measure(label: str, env_for, path: str, rows: int, clients: int, tmp: str) -
     alone = run_import(env_for("alone"), path)
     env = env_for("live")
     subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "init-db"],
+        [*FLASK, "init-db"],
         cwd=ROOT,
         env={**os.environ, **env},
         check=True,

@@ -24,6 +24,8 @@ from customers_service.database import prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-0123456789"
+# flask's command line on the standalone service, from any folder (see __main__.py).
+FLASK = (sys.executable, "-m", "customers_service")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # The user's spec's example (less its trailing comma), copied here on purpose: tests hold the code
 # to the spec, so they do not read the code's own copy (schemas.SEED_EXAMPLE).

@@ -7,11 +7,10 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import API_KEY, ROOT, SEED, post_customer
+from conftest import API_KEY, FLASK, ROOT, SEED, post_customer
 
 from customers_service import storage
 from customers_service.app import create_app
@@ -218,7 +217,7 @@ def test_export_then_import_into_an_empty_database_gives_the_same_rows(
     other_db = tmp_path / "other.sqlite3"
     env = {**os.environ, "CUSTOMERS_DATABASE": str(other_db), "CUSTOMERS_API_KEYS": API_KEY}
     imported = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "import", str(out)],
+        [*FLASK, "customers", "import", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -285,7 +284,7 @@ def big_file(tmp_path, count: int) -> str:
 
 def import_process(tmp_path, db_path, source: str, *extra: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "CUSTOMERS_DATABASE": str(db_path), "CUSTOMERS_API_KEYS": API_KEY}
-    command = [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "import", source]
+    command = [*FLASK, "customers", "import", source]
     return subprocess.Popen([*command, *extra], cwd=ROOT, env=env, **popen)
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -17,6 +16,7 @@ import requests
 from conftest import (
     API_KEY,
     AUTH,
+    FLASK,
     ROOT,
     SEED,
     Gunicorn,
@@ -34,9 +34,9 @@ from customers_service.storage import fold
 
 
 def flask_command(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    """``flask --app wsgi customers ...`` in a process of its own."""
+    """``python -m customers_service customers ...`` in a process of its own."""
     return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", *args],
+        [*FLASK, "customers", *args],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "CUSTOMERS_API_KEYS": API_KEY, **env},
         capture_output=True,
@@ -230,7 +230,7 @@ def test_export_from_sqlite_piped_into_import_on_postgres_moves_every_column(pos
     name = postgres.new_database(migrated=False)
     pg_env = {"CUSTOMERS_DATABASE_URL": postgres.url(name)}
     exported = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "export"],
+        [*FLASK, "customers", "export"],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "CUSTOMERS_API_KEYS": API_KEY, **sqlite_env},
         stdout=subprocess.PIPE,

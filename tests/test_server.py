@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, ROOT, SEED, answers, free_port
+from conftest import API_KEY, AUTH, FLASK, ROOT, SEED, answers, free_port
 from receiver import Receiver
 
 LAGO_VENV = ROOT / ".cache" / "lago-venv"
@@ -151,7 +151,7 @@ def test_flask_development_server_serves_the_api(tmp_path):
         "CUSTOMERS_DATABASE": str(tmp_path / "dev.sqlite3"),
         "CUSTOMERS_API_KEYS": API_KEY,
     }
-    command = [sys.executable, "-m", "flask", "--app", "wsgi", "run", "-p", str(port)]
+    command = [*FLASK, "run", "-p", str(port)]
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -224,8 +224,7 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
         url = f"http://127.0.0.1:{port}"
         assert answers(url + "/health", make), "make run did not serve"
         added = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "add-webhook"]
-            + [receiver.url],
+            [*FLASK, "customers", "add-webhook"] + [receiver.url],
             cwd=ROOT,
             env=env,
             capture_output=True,

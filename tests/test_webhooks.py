@@ -8,11 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import API_KEY, AUTH, ROOT, Backend, post_customer, started_app
+from conftest import API_KEY, AUTH, FLASK, ROOT, Backend, post_customer, started_app
 from receiver import Receiver
 
 from customers_service import database
@@ -45,7 +44,7 @@ class DelivererProcess:
     def start(self) -> "DelivererProcess":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flask", "--app", "wsgi", "customers", "deliver-webhooks"],
+                [*FLASK, "customers", "deliver-webhooks"],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
