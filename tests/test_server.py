@@ -179,6 +179,26 @@ def session_processes(session_id: int) -> list[int]:
     return pids
 
 
+def start_make_run(env: dict) -> subprocess.Popen:
+    """``make run`` in a session and process group of its own, as a terminal gives it."""
+    return subprocess.Popen(
+        ["make", "-s", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def assert_session_ends(session_id: int, message: str) -> None:
+    """Every process of that session ends within 15 s."""
+    deadline = time.monotonic() + 15
+    while session_processes(session_id):
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
 def runs_gunicorn(pid: int) -> bool:
     """Whether the process is a gunicorn (its script is the second word of its command)."""
     words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -211,14 +231,7 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
         "CUSTOMERS_WEBHOOK_POLL_SECONDS": "0.05",
     }
     subprocess.run(["make", "-s", "-C", str(ROOT), f"{ROOT}/.venv/.installed"], check=True)
-    make = subprocess.Popen(
-        ["make", "-s", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own session and process group, as a terminal gives it
-    )
+    make = start_make_run(env)
     receiver = Receiver().start()
     try:
         url = f"http://127.0.0.1:{port}"
@@ -248,10 +261,7 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
         else:  # gunicorn alone stops: the deliverer must not outlive it
             os.kill(gunicorn_master(make.pid), signal.SIGTERM)
         make.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while session_processes(make.pid):
-            assert time.monotonic() < deadline, "a process of make run outlived it"
-            time.sleep(0.1)
+        assert_session_ends(make.pid, "a process of make run outlived it")
     finally:
         receiver.stop()
         for pid in session_processes(make.pid):  # only ours: the session this test started
@@ -268,20 +278,10 @@ def test_make_run_fails_when_gunicorn_cannot_start_and_leaves_nothing_running(tm
             "CUSTOMERS_DATABASE": str(tmp_path / "run.sqlite3"),
             "CUSTOMERS_API_KEYS": API_KEY,
         }
-        make = subprocess.Popen(
-            ["make", "-s", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        make = start_make_run(env)
         try:
             assert make.wait(timeout=60) != 0
-            deadline = time.monotonic() + 15
-            while session_processes(make.pid):
-                assert time.monotonic() < deadline, "the deliverer outlived a failed start"
-                time.sleep(0.1)
+            assert_session_ends(make.pid, "the deliverer outlived a failed start")
         finally:
             for pid in session_processes(make.pid):
                 os.kill(pid, signal.SIGKILL)
