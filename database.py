@@ -2,6 +2,7 @@
 settings choose (SQLite by default, PostgreSQL with CUSTOMERS_DATABASE_URL), never creating the
 database; only prepare_database() creates and migrates it."""
 
+import functools
 from collections.abc import Iterator, Mapping
 
 from flask import Flask, current_app, g
@@ -27,7 +28,12 @@ class Store:
 
     def __init__(self, backend, conn, connections):
         self.backend, self.conn, self.connections = backend, conn, connections
-        self.events = events_backend(backend)
+
+    @functools.cached_property
+    def events(self):
+        """The events and webhooks storage module beside the backend (looked up only by the
+        requests that use it, not by every customer request)."""
+        return events_backend(self.backend)
 
     def upsert_customer(self, fields: Mapping[str, str | None]) -> dict:
         """Create the customer, or update the keys present in ``fields``; return the row."""

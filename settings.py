@@ -102,9 +102,6 @@ def check_settings(config) -> None:
             positive = False
         if not positive:
             raise ValueError(f"{name} must be a number more than 0, not {config[name]!r}")
-    concurrency = str(config.get("CUSTOMERS_WEBHOOK_CONCURRENCY", 8))
-    if not concurrency.isdigit():
-        raise ValueError(f"CUSTOMERS_WEBHOOK_CONCURRENCY must be a whole number, not {concurrency}")
     timeout = float(config.get("CUSTOMERS_WEBHOOK_TIMEOUT", DEFAULTS["CUSTOMERS_WEBHOOK_TIMEOUT"]))
     lease = float(
         config.get("CUSTOMERS_WEBHOOK_LEASE_SECONDS", DEFAULTS["CUSTOMERS_WEBHOOK_LEASE_SECONDS"])
@@ -113,11 +110,10 @@ def check_settings(config) -> None:
         raise ValueError(
             "CUSTOMERS_WEBHOOK_LEASE_SECONDS must be more than CUSTOMERS_WEBHOOK_TIMEOUT"
         )
-    pool_size = str(config.get("CUSTOMERS_POSTGRES_POOL_SIZE", 2))
-    if not pool_size.isdigit() or int(pool_size) < 1:
-        raise ValueError(
-            f"CUSTOMERS_POSTGRES_POOL_SIZE must be a whole number from 1, not {pool_size}"
-        )
+    for name in ("CUSTOMERS_POSTGRES_POOL_SIZE", "CUSTOMERS_WEBHOOK_CONCURRENCY"):
+        count = str(config.get(name, DEFAULTS[name]))
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{name} must be a whole number from 1, not {count}")
     if config.get("CUSTOMERS_DATABASE_URL"):
         check_postgres_url(config["CUSTOMERS_DATABASE_URL"])
 
