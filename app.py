@@ -5,12 +5,13 @@ import secrets
 import time
 
 import click
-from flask import Blueprint, Flask, current_app, g, request, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
 
-from customers_service import database, openapi
+from customers_service import database, metrics, openapi
 from customers_service.api_keys import (
     PUBLIC_ENDPOINTS,
     api_keys,
@@ -24,7 +25,13 @@ from customers_service.commands import cli
 from customers_service.event_storage import EventsExpired
 from customers_service.events import event_object, load_events_query
 from customers_service.list_query import load_list_query
-from customers_service.logs import error_log, setup_logging, write_access_line
+from customers_service.logs import (
+    error_log,
+    route_template,
+    setup_logging,
+    wants_json,
+    write_access_line,
+)
 from customers_service.responses import (
     RETRY_LATER,
     ApiError,
@@ -33,7 +40,7 @@ from customers_service.responses import (
     json_response,
 )
 from customers_service.schemas import customer_schema
-from customers_service.settings import check_settings, from_environment, setting
+from customers_service.settings import check_settings, flag, from_environment, setting
 from customers_service.storage import TooManyMetadataKeys
 
 bp = Blueprint("customers", __name__, cli_group="customers")
@@ -69,6 +76,9 @@ def assign_request_id() -> None:
     else:
         g.request_id = secrets.token_hex(16)
     g.request_started = time.perf_counter()
+    g.request_counted = flag(current_app.config.get("CUSTOMERS_METRICS", True))
+    if g.request_counted:
+        metrics.request_started()
 
 
 def require_api_key() -> None:
@@ -81,7 +91,7 @@ def require_api_key() -> None:
 
 
 def finish_response(response):
-    """Add the common headers and write the access log line, once per request."""
+    """Add the common headers, count the request and write its access line, once per request."""
     if g.get("response_finished"):
         return response
     g.response_finished = True
@@ -89,8 +99,14 @@ def finish_response(response):
     response.headers["X-Request-Id"] = g.request_id
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.setdefault("Cache-Control", "no-store")
-    elapsed_ms = (time.perf_counter() - g.request_started) * 1000
-    write_access_line(request, g.request_id, response.status_code, elapsed_ms)
+    seconds = time.perf_counter() - g.request_started
+    rule = request.url_rule
+    route = route_template(rule.rule if rule is not None else None)
+    method = metrics.method_label(request.method)
+    if g.request_counted:
+        metrics.request_finished(route, method, response.status_code, seconds)
+    as_json = wants_json(current_app.config)
+    write_access_line(as_json, g.request_id, method, route, response.status_code, seconds * 1000)
     return response
 
 
@@ -122,15 +138,27 @@ bp.register_error_handler(HTTPException, http_error)
 
 @bp.errorhandler(Exception)
 def _unexpected_error(e: Exception):
-    fault = database.fault(e)
+    fault = note_database_fault(e)
     if fault is None:
-        error_log.exception("request_id=%s unexpected error", g.get("request_id"))
+        error_log.exception("unexpected error")
         return error_response(500, "internal_error", "an unexpected error occurred")
     code, message = fault
-    database.forget_store()  # the connection may be what broke: the next request opens anew
-    if code != "database_busy":
-        error_log.error("request_id=%s %s: %s (%s)", g.get("request_id"), code, e, type(e).__name__)
     return error_response(503, code, message, headers=RETRY_LATER)
+
+
+def note_database_fault(e: Exception) -> tuple[str, str] | None:
+    """The contract's code and message for a database fault, after logging and counting it;
+    None for any other error."""
+    fault = database.fault(e)
+    if fault is None:
+        return None
+    code = fault[0]
+    database.forget_store()  # the connection may be what broke: the next request opens anew
+    if g.get("request_counted"):
+        metrics.database_error(code)
+    if code != "database_busy":
+        error_log.error("%s: %s (%s)", code, e, type(e).__name__)
+    return fault
 
 
 # --- views -----------------------------------------------------------------------------------
@@ -225,6 +253,35 @@ def health():
     return json_response({"status": "ok"})
 
 
+@bp.record
+def _add_metrics_route(state) -> None:
+    """Serve /metrics where CUSTOMERS_METRICS_ROUTE says so: the standalone app does; a host
+    app chooses (it may serve prometheus_client's registry its own way)."""
+    app = state.app
+    if flag(setting("CUSTOMERS_METRICS", app)) and flag(setting("CUSTOMERS_METRICS_ROUTE", app)):
+        state.add_url_rule(
+            "/metrics", "metrics", metrics_page, methods=["GET"], provide_automatic_options=False
+        )
+
+
+def metrics_page():
+    """Every worker's request counts, latency and database errors, and the webhook backlog."""
+    body, content_type = metrics.scrape(request.headers.get("Accept"), webhook_gauges())
+    return Response(body, content_type=content_type)
+
+
+def webhook_gauges() -> list:
+    """The webhook backlog's gauges, read now; none while the database is unreachable, so a
+    scrape still reports the requests' counts (and the database error)."""
+    try:
+        status = database.get_store().webhook_status(failed_shown=0)
+    except Exception as e:
+        if note_database_fault(e) is None:
+            raise
+        return []
+    return metrics.webhook_families(status)
+
+
 @bp.get("/api/v1/openapi.json", provide_automatic_options=False)
 def openapi_document():
     """The OpenAPI document, generated from the Marshmallow schemas."""
@@ -258,12 +315,16 @@ def create_app(test_config: dict | None = None) -> Flask:
         instance_relative_config=True,
         static_folder=None,
     )
+    app.config["CUSTOMERS_METRICS_ROUTE"] = True
     from_environment(app.config)
     if test_config:
         app.config.update(test_config)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
     ensure_api_key(app)
     app.register_blueprint(bp)
+    proxies = int(setting("CUSTOMERS_TRUSTED_PROXIES", app))
+    if proxies:  # the client's address is the one the nearest of N trusted proxies saw
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
     # Standalone, the whole app is the API: its 404s and 405s are JSON too.
     app.before_request(assign_request_id)
     app.after_request(finish_response)

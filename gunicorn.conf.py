@@ -1,6 +1,18 @@
 """Gunicorn's deployment defaults for the customers service (see the README)."""
 
+import glob
 import os
+import shutil
+import tempfile
+
+from gunicorn import glogging
+
+# Metrics (prometheus_client's multiprocess mode): each worker writes its counts to files in this
+# folder and a scrape adds every worker's up. It must be set before prometheus_client is imported.
+# Unset, each gunicorn gets a folder of its own, removed when it stops.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="customers-metrics-")
+    os.environ["CUSTOMERS_OWN_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
 # Two per core: while one waits on its commit's fsync, another uses the core.
@@ -20,6 +32,21 @@ errorlog = "-"
 control_socket_disable = True
 
 
+class JsonLines(glogging.Logger):
+    """Gunicorn's own lines (worker starts, timeouts) as JSON objects, like the service's."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        from customers_service.logs import JsonFormatter
+
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+if os.environ.get("CUSTOMERS_LOG_FORMAT", "").strip().lower() == "json":
+    logger_class = JsonLines
+
+
 def on_starting(server) -> None:
     """Create or migrate the database, and the first API key, before any worker forks.
 
@@ -27,4 +54,23 @@ def on_starting(server) -> None:
     """
     from customers_service.app import create_app, prepare_or_exit
 
+    if not server.master_pid:  # a new master on USR2 shares the old one's workers' counts
+        # An earlier run's counts (prometheus_client's docs: wipe the folder before starting).
+        for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+            os.remove(path)
     prepare_or_exit(create_app())
+
+
+def child_exit(server, worker) -> None:
+    """Drop a dead worker's live gauges (requests in flight); its counts stay in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics folder this gunicorn made (not one it was given, nor one it handed to
+    a new master on USR2)."""
+    own = os.environ.get("CUSTOMERS_OWN_METRICS_DIR")
+    if own and own == os.environ["PROMETHEUS_MULTIPROC_DIR"] and not server.reexec_pid:
+        shutil.rmtree(own, ignore_errors=True)

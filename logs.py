@@ -1,17 +1,94 @@
-"""The service's log lines: one access line per request on stdout, error lines on stderr."""
+"""The service's log lines: one access line per request on stdout, error lines on stderr, as
+text or, with ``CUSTOMERS_LOG_FORMAT=json``, one JSON object a line."""
 
+import json
 import logging
+import os
 import re
 import sys
 import time
 from urllib.parse import quote
 
-from flask import Request
+from flask import current_app, g, has_app_context, has_request_context, request
 
 error_log = logging.getLogger("customers.errors")
 
-PLAIN_PATH = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
-_log_second: list = [0, ""]
+LOG_FORMATS = ("text", "json")
+PLAIN_TEXT = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*")
+UNMATCHED_ROUTE = "unmatched"  # a 404 or 405: no route template, and never the raw path
+# <customer_id:customer_id> -> <customer_id>
+ROUTE_PARAMETER = re.compile(r"<(?:[^<>:]*:)?([^<>]+)>")
+_route_templates: dict[str, str] = {}
+_log_second: list = [0, "", ""]
+
+
+def route_template(rule: str | None) -> str:
+    """The route a request matched, with its converters dropped, or ``unmatched``: never the
+    path, which holds a customer_id."""
+    if rule is None:
+        return UNMATCHED_ROUTE
+    template = _route_templates.get(rule)
+    if template is None:
+        template = _route_templates[rule] = ROUTE_PARAMETER.sub(r"<\1>", rule)
+    return template
+
+
+def wants_json(config=None) -> bool:
+    """Whether lines are JSON: the app's CUSTOMERS_LOG_FORMAT, or the environment's outside one."""
+    if config is None and has_app_context():
+        config = current_app.config
+    value = config.get("CUSTOMERS_LOG_FORMAT") if config is not None else None
+    if value is None:
+        value = os.environ.get("CUSTOMERS_LOG_FORMAT", "text")
+    return str(value).strip().lower() == "json"
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object: time, level, logger, the request's id, method and route
+    when there is one, the message, and the traceback if any (newlines escaped: one line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            **request_fields(),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+class ErrorFormatter(logging.Formatter):
+    """Error lines as text (``time request_id=... message``) or as JSON, as the app says."""
+
+    _json = JsonFormatter()
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if wants_json():
+            return self._json.format(record)
+        request_id = request_fields().get("request_id")
+        if request_id is None:
+            return super().format(record)
+        record = logging.makeLogRecord(record.__dict__)
+        record.msg, record.args = f"request_id={request_id} {record.getMessage()}", None
+        return super().format(record)
+
+
+def request_fields() -> dict:
+    """The current request's id, method and route template, or nothing outside a request."""
+    if not has_request_context():
+        return {}
+    rule = request.url_rule
+    return {
+        "request_id": g.get("request_id"),
+        "method": request.method,
+        "route": route_template(rule.rule if rule is not None else None),
+    }
 
 
 class _CurrentStreamHandler(logging.StreamHandler):
@@ -34,31 +111,66 @@ def setup_logging() -> None:
     """Send error lines to stderr, once per process."""
     if not error_log.handlers:
         handler = _CurrentStreamHandler("stderr")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler.setFormatter(ErrorFormatter())
         error_log.addHandler(handler)
         error_log.setLevel(logging.INFO)
         error_log.propagate = False
 
 
-def write_access_line(req: Request, request_id: str, status: int, elapsed_ms: float) -> None:
+def write_access_line(
+    as_json: bool, request_id: str, method: str, route: str, status: int, elapsed_ms: float
+) -> None:
     """One line per request on stdout, with its request id.
 
     Written straight to the stream: the logging module's per-record work (it looks up the
     caller's file) cost more than the rest of a GET.
     """
-    path = req.path[:300]
-    if not PLAIN_PATH.fullmatch(path):  # quote only what could break the line or fake a field
-        path = quote(path, safe="/:@!$&'()*+,;=-._~")
-    sys.stdout.write(
-        f"{_log_time()} request_id={request_id} remote={req.remote_addr} "
-        f"method={req.method} path={path} status={status} duration_ms={elapsed_ms:.1f}\n"
-    )
+    remote = request.remote_addr or ""
+    if as_json:
+        line = json.dumps(
+            {
+                "time": iso_time(time.time()),
+                "level": "info",
+                "logger": "customers.access",
+                "request_id": request_id,
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed_ms, 1),
+                "remote_addr": remote,
+            }
+        )
+    else:
+        line = (
+            f"{_log_time()} request_id={request_id} remote={plain(remote)} "
+            f"method={method} path={plain(request.path[:300])} status={status} "
+            f"duration_ms={elapsed_ms:.1f}"
+        )
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
+def plain(text: str) -> str:
+    """The text as it is when it cannot break the line or fake a field, else percent-quoted."""
+    if PLAIN_TEXT.fullmatch(text):
+        return text
+    return quote(text, safe="/:@!$&'()*+,;=-._~")
+
+
+def iso_time(seconds: float) -> str:
+    """UTC in ISO 8601 with milliseconds: ``2026-11-26T05:01:02.345Z``."""
+    whole = int(seconds)
+    if _log_second[0] != whole:
+        _log_second[:] = [
+            whole,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole)),
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)),
+        ]
+    return f"{_log_second[2]}.{int((seconds - whole) * 1000):03d}Z"
+
+
 def _log_time() -> str:
-    """The access line's timestamp, formatted once a second."""
-    now = int(time.time())
-    if _log_second[0] != now:
-        _log_second[:] = [now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))]
+    """The text access line's timestamp (local time, whole seconds), formatted once a second."""
+    now = time.time()
+    iso_time(now)
     return _log_second[1]

@@ -5,6 +5,7 @@ import os
 from flask import Flask, current_app
 
 from customers_service import storage
+from customers_service.logs import LOG_FORMATS
 
 # Events' retention and the deliverer's (flask customers deliver-webhooks): numbers above 0.
 WEBHOOK_SETTINGS = (
@@ -31,6 +32,10 @@ SETTINGS = (
     "CUSTOMERS_SQLITE_SYNCHRONOUS",
     "CUSTOMERS_SQLITE_TIMEOUT",
     "CUSTOMERS_MIN_FREE_BYTES",
+    "CUSTOMERS_METRICS",
+    "CUSTOMERS_METRICS_ROUTE",
+    "CUSTOMERS_LOG_FORMAT",
+    "CUSTOMERS_TRUSTED_PROXIES",
     *WEBHOOK_SETTINGS,
 )
 DEFAULTS = {
@@ -44,6 +49,10 @@ DEFAULTS = {
     "CUSTOMERS_SQLITE_SYNCHRONOUS": "FULL",
     "CUSTOMERS_SQLITE_TIMEOUT": 5.0,
     "CUSTOMERS_MIN_FREE_BYTES": 1 << 20,
+    "CUSTOMERS_METRICS": True,
+    "CUSTOMERS_METRICS_ROUTE": False,  # the standalone app sets it: a host app chooses
+    "CUSTOMERS_LOG_FORMAT": "text",
+    "CUSTOMERS_TRUSTED_PROXIES": 0,
     "CUSTOMERS_EVENT_RETENTION_DAYS": 30,
     "CUSTOMERS_WEBHOOK_TIMEOUT": 10.0,
     "CUSTOMERS_WEBHOOK_CONCURRENCY": 8,
@@ -110,10 +119,17 @@ def check_settings(config) -> None:
         raise ValueError(
             "CUSTOMERS_WEBHOOK_LEASE_SECONDS must be more than CUSTOMERS_WEBHOOK_TIMEOUT"
         )
-    for name in ("CUSTOMERS_POSTGRES_POOL_SIZE", "CUSTOMERS_WEBHOOK_CONCURRENCY"):
+    for name, least in (
+        ("CUSTOMERS_POSTGRES_POOL_SIZE", 1),
+        ("CUSTOMERS_WEBHOOK_CONCURRENCY", 1),
+        ("CUSTOMERS_TRUSTED_PROXIES", 0),
+    ):
         count = str(config.get(name, DEFAULTS[name]))
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{name} must be a whole number from 1, not {count}")
+        if not count.isdigit() or int(count) < least:
+            raise ValueError(f"{name} must be a whole number from {least}, not {count}")
+    log_format = str(config.get("CUSTOMERS_LOG_FORMAT", "text")).strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"CUSTOMERS_LOG_FORMAT must be one of {LOG_FORMATS}, not {log_format!r}")
     if config.get("CUSTOMERS_DATABASE_URL"):
         check_postgres_url(config["CUSTOMERS_DATABASE_URL"])
 
