@@ -10,9 +10,10 @@ from gunicorn import glogging
 # Metrics (prometheus_client's multiprocess mode): each worker writes its counts to files in this
 # folder and a scrape adds every worker's up. It must be set before prometheus_client is imported.
 # Unset, each gunicorn gets a folder of its own, removed when it stops.
+# (The environment outlives this file: a reload reads it again and keeps the same folder.)
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="customers-metrics-")
-    os.environ["CUSTOMERS_OWN_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.environ["CUSTOMERS_METRICS_DIR_OWNER"] = str(os.getpid())
 
 bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
 # Two per core: while one waits on its commit's fsync, another uses the core.
@@ -54,9 +55,11 @@ def on_starting(server) -> None:
     """
     from customers_service.app import create_app, prepare_or_exit
 
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     if not server.master_pid:  # a new master on USR2 shares the old one's workers' counts
         # An earlier run's counts (prometheus_client's docs: wipe the folder before starting).
-        for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        for path in glob.glob(os.path.join(folder, "*.db")):
             os.remove(path)
     prepare_or_exit(create_app())
 
@@ -71,6 +74,6 @@ def child_exit(server, worker) -> None:
 def on_exit(server) -> None:
     """Remove the metrics folder this gunicorn made (not one it was given, nor one it handed to
     a new master on USR2)."""
-    own = os.environ.get("CUSTOMERS_OWN_METRICS_DIR")
-    if own and own == os.environ["PROMETHEUS_MULTIPROC_DIR"] and not server.reexec_pid:
-        shutil.rmtree(own, ignore_errors=True)
+    made_here = os.environ.get("CUSTOMERS_METRICS_DIR_OWNER") == str(os.getpid())
+    if made_here and not server.reexec_pid:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -113,8 +113,19 @@ OPERATIONS = {
         (503,),
     ),
     "customers.openapi_document": ("get", "This OpenAPI document", "No API key needed.", None, ()),
+    "customers.metrics": (
+        "get",
+        "Prometheus metrics",
+        "Requests by route template, method and status, their latency, database errors by "
+        "code and the webhook backlog, counted across every worker of the server. Prometheus's "
+        "text format, or OpenMetrics when the `Accept` header asks for it. Served where "
+        "`CUSTOMERS_METRICS_ROUTE` is on (the standalone service; a host app chooses).",
+        None,
+        (401,),
+    ),
     "customers.docs": ("get", "This API's interactive page", "No API key needed.", None, ()),
 }
+SERVICE_ENDPOINTS = {*PUBLIC_ENDPOINTS, "customers.metrics"}  # about the service, not customers
 # Each operation's 200: its description, media type and schema.
 SUCCESSES = {
     "customers.upsert_customer": (
@@ -132,6 +143,11 @@ SUCCESSES = {
     "customers.events_feed": ("A page of events.", "application/json", "EventList"),
     "customers.health": ("The database answers.", "application/json", "Health"),
     "customers.openapi_document": ("The document.", "application/json", {"type": "object"}),
+    "customers.metrics": (
+        "Every worker's counts, and the backlog read now.",
+        "text/plain",
+        {"type": "string"},
+    ),
     "customers.docs": ("An HTML page (Swagger UI).", "text/html", {"type": "string"}),
 }
 
@@ -225,7 +241,7 @@ def _operation(endpoint: str) -> dict:
     operation = {
         "summary": summary,
         "operationId": endpoint.split(".")[1],
-        "tags": ["service" if endpoint in PUBLIC_ENDPOINTS else "customers"],
+        "tags": ["service" if endpoint in SERVICE_ENDPOINTS else "customers"],
     }
     if description:
         operation["description"] = description

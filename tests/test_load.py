@@ -69,7 +69,9 @@ def test_nginx_passes_the_callers_request_id(server, nginx):
     assert "request_id=through-nginx" in server.log()
 
 
-def test_gunicorn_configuration_holds_the_deployment_defaults():
+def test_gunicorn_configuration_holds_the_deployment_defaults(monkeypatch, tmp_path):
+    # Unset, the file makes a metrics folder and names it in the environment: not this one's.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     config: dict = {}
     exec((ROOT / "gunicorn.conf.py").read_text(), config)
     assert config["worker_class"] == "sync"
@@ -77,3 +79,4 @@ def test_gunicorn_configuration_holds_the_deployment_defaults():
     assert config["limit_request_line"] == 8190
     assert config["limit_request_fields"] <= 100
     assert config["accesslog"] is None
+    assert callable(config["child_exit"])  # a dead worker's metrics files are cleaned up

@@ -65,6 +65,7 @@ def test_the_walk_covers_every_blueprint_route(app):
         "customers.delete_customer",
         "customers.list_customers",
         "customers.events_feed",
+        "customers.metrics",
     }
 
 
