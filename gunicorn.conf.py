@@ -10,10 +10,31 @@ from gunicorn import glogging
 # Metrics (prometheus_client's multiprocess mode): each worker writes its counts to files in this
 # folder and a scrape adds every worker's up. It must be set before prometheus_client is imported.
 # Unset, each gunicorn gets a folder of its own, removed when it stops.
+METRICS_FOLDERS = os.path.join(tempfile.gettempdir(), "customers-metrics-")
+
+
+def metrics_folder_owner(path: str) -> int:
+    """The pid of the gunicorn that made a metrics folder: ``customers-metrics-<pid>-<random>``."""
+    return int(path[len(METRICS_FOLDERS) :].split("-")[0])
+
+
+def remove_dead_gunicorns_metrics_folders() -> None:
+    """Remove the folders of gunicorns that ended without on_exit (killed, or the machine down)."""
+    for path in glob.glob(METRICS_FOLDERS + "*-*"):
+        try:
+            os.kill(metrics_folder_owner(path), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours, or a live process of another user
+            continue
+
+
 # (The environment outlives this file: a reload reads it again and keeps the same folder.)
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="customers-metrics-")
-    os.environ["CUSTOMERS_METRICS_DIR_OWNER"] = str(os.getpid())
+    remove_dead_gunicorns_metrics_folders()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix=f"customers-metrics-{os.getpid()}-"
+    )
 
 bind = os.environ.get("CUSTOMERS_BIND", "127.0.0.1:8000")
 # Two per core: while one waits on its commit's fsync, another uses the core.
@@ -74,6 +95,12 @@ def child_exit(server, worker) -> None:
 def on_exit(server) -> None:
     """Remove the metrics folder this gunicorn made (not one it was given, nor one it handed to
     a new master on USR2)."""
-    made_here = os.environ.get("CUSTOMERS_METRICS_DIR_OWNER") == str(os.getpid())
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        made_here = (
+            folder.startswith(METRICS_FOLDERS) and metrics_folder_owner(folder) == os.getpid()
+        )
+    except ValueError:
+        made_here = False
     if made_here and not server.reexec_pid:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,9 +1,11 @@
 """GET /metrics: requests by route template, method and status, latency, database errors and the
 webhook backlog, counted across every gunicorn worker."""
 
+import glob
 import json
 import os
 import signal
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -256,3 +258,22 @@ def test_a_bad_operating_setting_stops_the_start(tmp_path, setting, value):
 def test_the_in_flight_gauge_counts_the_scrape_itself(client):
     scraped = samples(client.get("/metrics", headers=AUTH).get_data(True))
     assert series(scraped, "customers_http_requests_in_flight") == {(): 1.0}
+
+
+def metrics_folders_of(gunicorn: Gunicorn) -> list[str]:
+    """The metrics folders gunicorn.conf.py made for this gunicorn (named with its pid)."""
+    pattern = os.path.join(tempfile.gettempdir(), f"customers-metrics-{gunicorn.proc.pid}-*")
+    return glob.glob(pattern)
+
+
+def test_gunicorn_removes_its_metrics_folder_and_one_a_killed_gunicorn_left(tmp_path):
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    killed = Gunicorn(tmp_path, workers=1).start()
+    [left] = metrics_folders_of(killed)
+    killed.stop(signal.SIGKILL)  # no on_exit: its folder stays
+    assert os.path.isdir(left)
+    clean = Gunicorn(tmp_path, workers=1).start()
+    [own] = metrics_folders_of(clean)
+    assert not os.path.exists(left), "a dead gunicorn's folder is removed at the next start"
+    clean.stop()
+    assert not os.path.exists(own)
