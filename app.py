@@ -102,11 +102,12 @@ def finish_response(response):
     seconds = time.perf_counter() - g.request_started
     rule = request.url_rule
     route = route_template(rule.rule if rule is not None else None)
-    method = metrics.method_label(request.method)
     if g.request_counted:
+        method = metrics.method_label(request.method)
         metrics.request_finished(route, method, response.status_code, seconds)
     as_json = wants_json(current_app.config)
-    write_access_line(as_json, g.request_id, method, route, response.status_code, seconds * 1000)
+    status = response.status_code
+    write_access_line(as_json, g.request_id, request.method, route, status, seconds * 1000)
     return response
 
 

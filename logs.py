@@ -143,7 +143,7 @@ def write_access_line(
     else:
         line = (
             f"{_log_time()} request_id={request_id} remote={plain(remote)} "
-            f"method={method} path={plain(request.path[:300])} status={status} "
+            f"method={plain(method)} path={plain(request.path[:300])} status={status} "
             f"duration_ms={elapsed_ms:.1f}"
         )
     sys.stdout.write(line + "\n")

@@ -1,0 +1,258 @@
+"""What a request costs, exactly: instructions (callgrind) and system calls (strace) per request
+for the echo baseline, an insert, an update, GET one and list page 1, the WSGI apps called
+in-process.
+
+    .venv/bin/python bench/cost.py [--backends sqlite postgres] [--warm-up 300] [--requests 500]
+    .venv/bin/python bench/cost.py --backends sqlite --config CUSTOMERS_METRICS=false
+
+Instruction counts repeat within a fraction of a percent on a busy machine, where times do not,
+so a change shows its cost exactly. Each phase warms up, then its measured requests run between
+two calls of ``os.getppid()``: callgrind dumps its counts at each call (``--dump-before``), and
+strace's log is cut at them. The apps are called as WSGI callables with environs built before
+the phase, so the harness costs next to nothing. On PostgreSQL the counts are the service's
+process only (the server's work is not in them). SQLite runs with synchronous NORMAL, so its
+WAL fsyncs (FULL's, done beside the lock) do not vary the system calls.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+PHASES = ("echo", "insert", "update", "get", "list")
+KEY = "bench-key"
+
+# Run under callgrind or strace, with the repository's parent on the path as customers_service.
+CHILD = r"""
+import contextlib, io, json, os, sys
+sys.path.insert(0, sys.argv[3])
+from bench.echo_app import app as echo
+from customers_service import database, storage
+from customers_service.app import create_app
+config, warm_up, measured = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+service = create_app(config)
+database.prepare_database(service)
+store = database.open_store(service)
+now = storage.utc_now()
+seed = {"name": "Gavin Belson", "country": "US", "address_line1": "5230 Penfield Ave",
+        "state": "CA", "zipcode": "91364", "email": "dinesh@piedpiper.test",
+        "city": "Woodland Hills", "url": "http://hooli.com", "phone": "1-171-883-3711 x245",
+        "legal_name": "Coleman-Blair", "legal_number": "49-008-2965"}
+store.import_batch([storage.upsert_params({**seed, "customer_id": f"old-{i}"}, now)
+                    for i in range(1000)])
+store.close()
+AUTH = "Bearer bench-key"
+
+def environ(method, path, body=None, query=""):
+    data = json.dumps(body).encode() if body is not None else b""
+    env = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path,
+           "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000",
+           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+           "HTTP_AUTHORIZATION": AUTH, "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(data),
+           "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": True,
+           "wsgi.run_once": False, "wsgi.version": (1, 0)}
+    if body is not None:
+        env["CONTENT_TYPE"] = "application/json"
+        env["CONTENT_LENGTH"] = str(len(data))
+    return env
+
+def customer(customer_id):
+    return {"customer": {**seed, "customer_id": customer_id}}
+
+def requests_of(phase, n, offset):
+    if phase == "echo":
+        return echo, [environ("POST", "/api/v1/customers", customer(f"e-{offset + i}"))
+                      for i in range(n)]
+    if phase == "insert":
+        return service, [environ("POST", "/api/v1/customers", customer(f"new-{offset + i}"))
+                         for i in range(n)]
+    if phase == "update":
+        return service, [environ("POST", "/api/v1/customers",
+                                 customer(f"old-{(offset + i) % 1000}")) for i in range(n)]
+    if phase == "get":
+        return service, [environ("GET", f"/api/v1/customers/old-{(offset + i) % 1000}")
+                         for i in range(n)]
+    return service, [environ("GET", "/api/v1/customers", query="page=1&per_page=20")
+                     for i in range(n)]
+
+statuses = []
+def start_response(status, headers, exc_info=None):
+    statuses.append(status)
+
+def run(app, environs):
+    for env in environs:
+        b"".join(app(env, start_response))
+
+with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+    for phase in json.loads(sys.argv[5]):
+        app, environs = requests_of(phase, warm_up, 0)
+        run(app, environs)
+        app, environs = requests_of(phase, measured, warm_up)
+        os.getppid()  # the phase starts
+        run(app, environs)
+        os.getppid()  # the phase ends
+bad = [s for s in statuses if not s.startswith("200")]
+assert not bad, bad[:3]
+database.close_connections()
+"""
+
+
+def child_command(config: dict, args, phases: list[str]) -> list[str]:
+    """The child's command line (its caller puts callgrind or strace in front)."""
+    return [
+        sys.executable,
+        "-c",
+        CHILD,
+        json.dumps(config),
+        str(args.warm_up),
+        ROOT,
+        str(args.requests),
+        json.dumps(phases),
+    ]
+
+
+def child_env(tmp: str) -> dict:
+    """The child's environment: this checkout importable as customers_service, and metrics in
+    prometheus_client's multiprocess mode, as under gunicorn.conf.py."""
+    shim = tempfile.mkdtemp(prefix="path-", dir=tmp)
+    os.symlink(ROOT, os.path.join(shim, "customers_service"))
+    metrics = tempfile.mkdtemp(prefix="metrics-", dir=tmp)
+    return {**os.environ, "PYTHONPATH": shim, "PROMETHEUS_MULTIPROC_DIR": metrics}
+
+
+def instructions(config: dict, args, tmp: str) -> dict[str, float]:
+    """Instructions per request of each phase, from callgrind's dump at each phase's end."""
+    out = os.path.join(tmp, "callgrind.out")
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={out}"]
+        + child_command(config, args, list(PHASES)),
+        env=child_env(tmp),
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+    )
+    counts = {}
+    for n, phase in enumerate(PHASES):
+        # Dump 1 is the start up to the first phase's start; phase k's is dump 2k.
+        with open(f"{out}.{2 * n + 2}") as f:
+            total = int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1))
+        counts[phase] = total / args.requests
+    return counts
+
+
+def system_calls(config: dict, args, tmp: str) -> dict[str, Counter]:
+    """System calls per request of each phase, by name, from strace's log between the markers."""
+    log = os.path.join(tmp, "strace.log")
+    subprocess.run(
+        ["strace", "-f", "-qq", "-o", log] + child_command(config, args, list(PHASES)),
+        env=child_env(tmp),
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+    )
+    counts, phase, inside = {}, 0, False
+    with open(log) as f:
+        for line in f:
+            match = re.match(r"(?:\d+\s+)?(\w+)\(", line)
+            if not match:
+                continue
+            name = match.group(1)
+            if name == "getppid":
+                if inside:
+                    phase += 1
+                inside = not inside
+                continue
+            if inside:
+                counts.setdefault(PHASES[phase], Counter())[name] += 1
+    return {phase: counts.get(phase, Counter()) for phase in PHASES}
+
+
+def ensure_tools() -> None:
+    """valgrind and strace from Debian's packages, installed if missing."""
+    missing = [tool for tool in ("valgrind", "strace") if not shutil.which(tool)]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--warm-up", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument(
+        "--config", nargs="*", default=[], help="extra settings, NAME=VALUE (e.g. metrics off)"
+    )
+    args = parser.parse_args()
+    ensure_tools()
+    extra = dict(item.split("=", 1) for item in args.config)
+    tmp = tempfile.mkdtemp(prefix="bench-cost-")
+    cluster = None
+    try:
+        for backend in args.backends:
+            config = {
+                "CUSTOMERS_API_KEYS": KEY,
+                "CUSTOMERS_API_KEY_FILE": os.path.join(tmp, "api-keys"),
+                **extra,
+            }
+            if backend == "sqlite":
+                config["CUSTOMERS_DATABASE"] = os.path.join(tmp, "cost.sqlite3")
+                config["CUSTOMERS_SQLITE_SYNCHRONOUS"] = "NORMAL"
+            else:
+                from postgres_cluster import PostgresCluster
+
+                cluster = PostgresCluster()
+                cluster.init()
+                cluster.start()
+                cluster.admin("CREATE DATABASE cost")
+                config["CUSTOMERS_DATABASE_URL"] = cluster.url("cost")
+            counted = instructions(config, args, tmp)
+            reset(backend, config, cluster)
+            calls = system_calls(config, args, tmp)
+            reset(backend, config, cluster)
+            report(backend, extra, counted, calls, args.requests)
+    finally:
+        if cluster is not None:
+            cluster.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reset(backend: str, config: dict, cluster) -> None:
+    """A fresh database for the next child: the same rows, the same work."""
+    if backend == "sqlite":
+        for suffix in ("", "-wal", "-shm", "-sync"):
+            path = config["CUSTOMERS_DATABASE"] + suffix
+            if os.path.exists(path):
+                os.remove(path)
+    else:
+        cluster.admin("DROP DATABASE cost")
+        cluster.admin("CREATE DATABASE cost")
+
+
+def report(backend: str, extra: dict, counted: dict, calls: dict, requests: int) -> None:
+    """One table per backend: instructions and system calls per request, and the ratio to echo."""
+    settings = " ".join(f"{k}={v}" for k, v in extra.items()) or "defaults"
+    print(f"\n{backend} ({settings}), {requests} measured requests a phase\n")
+    print("| request | instructions | x echo | system calls | the most frequent |")
+    print("|---|---|---|---|---|")
+    for phase in PHASES:
+        made = calls[phase]
+        top = ", ".join(f"{name} {count / requests:.1f}" for name, count in made.most_common(4))
+        print(
+            f"| {phase} | {counted[phase] / 1000:,.0f}k | {counted[phase] / counted['echo']:.2f} "
+            f"| {sum(made.values()) / requests:.1f} | {top} |"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
