@@ -40,9 +40,9 @@ def read_key_file(path: str) -> list[str]:
     return keys
 
 
-def configured_keys() -> list[str]:
+def configured_keys(app: Flask | None = None) -> list[str]:
     """Keys from CUSTOMERS_API_KEYS (a comma-separated string or a list)."""
-    keys = setting("CUSTOMERS_API_KEYS") or []
+    keys = setting("CUSTOMERS_API_KEYS", app) or []
     if isinstance(keys, str):
         return list(_split_keys(keys))
     return [k.strip() for k in keys if k and k.strip()]
@@ -54,14 +54,15 @@ def _split_keys(keys: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in keys.split(",") if k.strip())
 
 
-def api_keys() -> list[str]:
+def api_keys(app: Flask | None = None) -> list[str]:
     """Every key that opens the API now: configured ones and those in the key file."""
-    return configured_keys() + read_key_file(setting("CUSTOMERS_API_KEY_FILE"))
+    return configured_keys(app) + read_key_file(setting("CUSTOMERS_API_KEY_FILE", app))
 
 
-def keys_required() -> bool:
-    """Whether the current app checks keys (a host doing its own auth may turn it off)."""
-    return flag(setting("CUSTOMERS_REQUIRE_API_KEY"))
+def keys_required(app: Flask | None = None) -> bool:
+    """Whether the app (the current one by default) checks keys (a host doing its own auth may
+    turn it off)."""
+    return flag(setting("CUSTOMERS_REQUIRE_API_KEY", app))
 
 
 def new_api_key() -> str:

@@ -145,7 +145,7 @@ def events_backend(storage_module):
 def connections(app: Flask | None = None):
     """The app's database connections (a backend's Connections), one object per set of
     settings, so each process keeps its connections across requests."""
-    app = app or current_app
+    app = app or current_app._get_current_object()
     url = setting("CUSTOMERS_DATABASE_URL", app)
     if url:
         key = (
@@ -201,10 +201,13 @@ def open_store(app: Flask | None = None) -> Store:
 
 def get_store() -> Store:
     """This request's Store, on a connection kept by this process."""
-    if "customers_store" not in g:
-        conns = connections()
-        g.customers_store = Store(backend(), conns.acquire(), conns)
-    return g.customers_store
+    request_globals = g._get_current_object()  # one look-up of the proxy, not three
+    store = request_globals.get("customers_store")
+    if store is None:
+        app = current_app._get_current_object()
+        conns = connections(app)
+        store = request_globals.customers_store = Store(backend(app), conns.acquire(), conns)
+    return store
 
 
 def release_store() -> None:

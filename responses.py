@@ -33,9 +33,13 @@ class ApiError(Exception):
         self.details, self.headers = details, headers or {}
 
 
+# json.dumps with separators builds an encoder at every call: one serves every response.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_response(body: dict, status: int = 200) -> Response:
     """``body`` as JSON with its keys in the order given (the contract's), as Flask writes it."""
-    text = json.dumps(body, separators=(",", ":")) + "\n"
+    text = _encode(body) + "\n"
     return current_app.response_class(text, status, mimetype="application/json")
 
 
