@@ -7,7 +7,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from urllib.parse import quote
 
@@ -31,6 +30,7 @@ FIELDS = (
 )
 REQUIRED = FIELDS[:2]
 OPTIONAL_FIELDS = FIELDS[2:]
+SET = {f: "set_" + f for f in OPTIONAL_FIELDS}  # each optional field's flag parameter
 COLUMNS = ("lago_id", *FIELDS, "metadata", "created_at", "updated_at")
 # search_term looks in these, and email is matched on its folded copy: folded_<field> holds the
 # field as fold() makes it, so "ignoring case" means one thing on both backends, whatever the
@@ -452,9 +452,16 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
+_this_second: list = [0, ""]
+
+
 def utc_now() -> str:
-    """The current time as the API writes it: ISO 8601, UTC, whole seconds."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """The current time as the API writes it: ISO 8601, UTC, whole seconds (formatted once a
+    second)."""
+    now = int(time.time())
+    if _this_second[0] != now:
+        _this_second[:] = [now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))]
+    return _this_second[1]
 
 
 def new_lago_id() -> str:
@@ -462,7 +469,8 @@ def new_lago_id() -> str:
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return str(uuid.UUID(int=value))
+    digits = f"{value:032x}"  # what str(uuid.UUID(int=value)) writes, without building one
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def fold(text: str | None) -> str | None:
@@ -496,20 +504,21 @@ def customer_from_row(row: sqlite3.Row) -> dict:
     return customer
 
 
-def upsert_params(fields: Mapping, now: str) -> dict:
+def upsert_params(fields: Mapping, now: str, flag=bool) -> dict:
     """The named parameters of UPSERT_CUSTOMER for one validated customer.
 
     ``fields`` may carry lago_id, created_at and updated_at (an import restoring an export):
     they are used only if the customer is created. Its ``metadata`` is a patch (a key set to
-    None removes it), or None to remove every key.
+    None removes it), or None to remove every key. The ``set_*`` flags are ``flag(bool)``:
+    SQLite takes them as int (sqlite3 adapts a bool the slow way, through its adapters).
     """
     params = {f: fields.get(f) for f in FIELDS}
     for f in OPTIONAL_FIELDS:
-        params["set_" + f] = f in fields
+        params[SET[f]] = flag(f in fields)
     for f in SEARCHED:
         params["folded_" + f] = fold(params[f])
     patch = fields.get("metadata")
-    params["set_metadata"] = "metadata" in fields
+    params["set_metadata"] = flag("metadata" in fields)
     params["metadata_patch"] = None if patch is None else metadata_json(patch)
     created = {k: v for k, v in (patch or {}).items() if v is not None}
     params["metadata"] = metadata_json(created)
@@ -545,7 +554,8 @@ def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
     Raise TooManyMetadataKeys, having written nothing, if the merged metadata is too large."""
     try:
         with write(conn):
-            row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+            params = upsert_params(fields, utc_now(), flag=int)
+            row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
     except sqlite3.IntegrityError as e:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
