@@ -30,6 +30,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
 PHASES = ("echo", "insert", "update", "get", "list")
+# An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
+# load, the store's upsert (parameters, SQL, the row back as a dict), the response's JSON.
+# What an insert costs beyond them is Flask's and Werkzeug's machinery and the hooks.
+PIECES = ("parse", "load", "store", "respond")
 KEY = "bench-key"
 
 # Run under callgrind or strace, with the repository's parent on the path as customers_service.
@@ -39,6 +43,9 @@ sys.path.insert(0, sys.argv[3])
 from bench.echo_app import app as echo
 from customers_service import database, storage
 from customers_service.app import create_app
+from customers_service.body import parse_json
+from customers_service.responses import json_response
+from customers_service.schemas import customer_schema
 config, warm_up, measured = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
 service = create_app(config)
 database.prepare_database(service)
@@ -85,6 +92,22 @@ def requests_of(phase, n, offset):
     return service, [environ("GET", "/api/v1/customers", query="page=1&per_page=20")
                      for i in range(n)]
 
+def pieces_of(piece, n, offset):
+    ids = [f"{piece}-{offset + i}" for i in range(n)]
+    if piece == "parse":
+        return [(parse_json, (json.dumps(customer(i)).encode(),)) for i in ids]
+    if piece == "load":
+        return [(customer_schema.load, (customer(i)["customer"],)) for i in ids]
+    if piece == "store":
+        return [(piece_store.upsert_customer, (customer_schema.load(customer(i)["customer"]),))
+                for i in ids]
+    row = piece_store.get_customer("old-1")
+    return [(json_response, ({"customer": dict(row)},)) for i in ids]
+
+def call(calls):
+    for function, arguments in calls:
+        function(*arguments)
+
 statuses = []
 def start_response(status, headers, exc_info=None):
     statuses.append(status)
@@ -95,6 +118,16 @@ def run(app, environs):
 
 with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
     for phase in json.loads(sys.argv[5]):
+        if phase.startswith("piece:"):
+            with service.app_context():
+                piece_store = database.open_store(service)
+                call(pieces_of(phase[6:], warm_up, 0))
+                calls = pieces_of(phase[6:], measured, warm_up)
+                os.getppid()  # the piece starts
+                call(calls)
+                os.getppid()  # the piece ends
+                piece_store.close()
+            continue
         app, environs = requests_of(phase, warm_up, 0)
         run(app, environs)
         app, environs = requests_of(phase, measured, warm_up)
@@ -121,41 +154,43 @@ def child_command(config: dict, args, phases: list[str]) -> list[str]:
     ]
 
 
-def child_env(tmp: str) -> dict:
-    """The child's environment: this checkout importable as customers_service, and metrics in
-    prometheus_client's multiprocess mode, as under gunicorn.conf.py."""
+def child_env(tmp: str, code: str = ROOT) -> dict:
+    """The child's environment: ``code`` (this checkout, or another commit's) importable as
+    customers_service, and metrics in prometheus_client's multiprocess mode, as under
+    gunicorn.conf.py."""
     shim = tempfile.mkdtemp(prefix="path-", dir=tmp)
-    os.symlink(ROOT, os.path.join(shim, "customers_service"))
+    os.symlink(code, os.path.join(shim, "customers_service"))
     metrics = tempfile.mkdtemp(prefix="metrics-", dir=tmp)
     return {**os.environ, "PYTHONPATH": shim, "PROMETHEUS_MULTIPROC_DIR": metrics}
 
 
-def instructions(config: dict, args, tmp: str) -> dict[str, float]:
-    """Instructions per request of each phase, from callgrind's dump at each phase's end."""
+def instructions(config: dict, args, tmp: str, code: str) -> dict[str, float]:
+    """Instructions per request of each phase and piece, from callgrind's dump at its end."""
     out = os.path.join(tmp, "callgrind.out")
+    phases = [*PHASES, *(f"piece:{piece}" for piece in PIECES)]
     subprocess.run(
         ["valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={out}"]
-        + child_command(config, args, list(PHASES)),
-        env=child_env(tmp),
+        + child_command(config, args, phases),
+        env=child_env(tmp, code),
         cwd=tmp,
         check=True,
         capture_output=True,
     )
     counts = {}
-    for n, phase in enumerate(PHASES):
+    for n, phase in enumerate(phases):
         # Dump 1 is the start up to the first phase's start; phase k's is dump 2k.
         with open(f"{out}.{2 * n + 2}") as f:
             total = int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1))
-        counts[phase] = total / args.requests
+        counts[phase.removeprefix("piece:")] = total / args.requests
     return counts
 
 
-def system_calls(config: dict, args, tmp: str) -> dict[str, Counter]:
+def system_calls(config: dict, args, tmp: str, code: str) -> dict[str, Counter]:
     """System calls per request of each phase, by name, from strace's log between the markers."""
     log = os.path.join(tmp, "strace.log")
     subprocess.run(
         ["strace", "-f", "-qq", "-o", log] + child_command(config, args, list(PHASES)),
-        env=child_env(tmp),
+        env=child_env(tmp, code),
         cwd=tmp,
         check=True,
         capture_output=True,
@@ -192,11 +227,16 @@ def main() -> None:
     parser.add_argument(
         "--config", nargs="*", default=[], help="extra settings, NAME=VALUE (e.g. metrics off)"
     )
+    parser.add_argument("--commit", help="measure that commit's code (a git worktree), not this")
     args = parser.parse_args()
     ensure_tools()
     extra = dict(item.split("=", 1) for item in args.config)
     tmp = tempfile.mkdtemp(prefix="bench-cost-")
-    cluster = None
+    cluster, code = None, ROOT
+    worktree = ["git", "-C", ROOT, "worktree"]
+    if args.commit:
+        code = os.path.join(tmp, "code")
+        subprocess.run([*worktree, "add", "--detach", code, args.commit], check=True)
     try:
         for backend in args.backends:
             config = {
@@ -215,14 +255,17 @@ def main() -> None:
                 cluster.start()
                 cluster.admin("CREATE DATABASE cost")
                 config["CUSTOMERS_DATABASE_URL"] = cluster.url("cost")
-            counted = instructions(config, args, tmp)
+            counted = instructions(config, args, tmp, code)
             reset(backend, config, cluster)
-            calls = system_calls(config, args, tmp)
+            calls = system_calls(config, args, tmp, code)
             reset(backend, config, cluster)
-            report(backend, extra, counted, calls, args.requests)
+            settings = extra | {"commit": args.commit or "this checkout"}
+            report(backend, settings, counted, calls, args.requests)
     finally:
         if cluster is not None:
             cluster.remove()
+        if args.commit:
+            subprocess.run([*worktree, "remove", "--force", code], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -251,6 +294,11 @@ def report(backend: str, extra: dict, counted: dict, calls: dict, requests: int)
             f"| {phase} | {counted[phase] / 1000:,.0f}k | {counted[phase] / counted['echo']:.2f} "
             f"| {sum(made.values()) / requests:.1f} | {top} |"
         )
+    rest = counted["insert"] - sum(counted[piece] for piece in PIECES)
+    print("\n| piece of an insert | instructions |\n|---|---|")
+    for piece in PIECES:
+        print(f"| {piece} | {counted[piece] / 1000:,.0f}k |")
+    print(f"| the rest: Flask, Werkzeug, the hooks, reading the body | {rest / 1000:,.0f}k |")
     sys.stdout.flush()
 
 
