@@ -1,7 +1,6 @@
 """The customers blueprint: its routes, request hooks and error handlers, and the standalone app."""
 
 import os
-import secrets
 import time
 
 import click
@@ -79,7 +78,7 @@ def assign_request_id() -> None:
     if 1 <= len(given) <= 200 and REQUEST_ID_CHARS.issuperset(given):
         request_globals.request_id = given
     else:
-        request_globals.request_id = secrets.token_hex(16)
+        request_globals.request_id = os.urandom(16).hex()  # secrets.token_hex(16), one call less
     request_globals.request_started = time.perf_counter()
     counted = flag(current_app.config.get("CUSTOMERS_METRICS", True))
     request_globals.request_counted = counted
@@ -187,7 +186,8 @@ def not_found() -> ApiError:
 def upsert_customer():
     """Create the customer, or update the one with that customer_id."""
     limit = int(setting("CUSTOMERS_MAX_BODY_BYTES"))
-    fields = customer_schema.load(customer_payload(request, limit))
+    # The request itself, not its proxy: the body's checks read it a dozen times.
+    fields = customer_schema.load(customer_payload(request._get_current_object(), limit))
     try:
         customer = database.get_store().upsert_customer(fields)
     except TooManyMetadataKeys:
