@@ -127,7 +127,7 @@ def key_is_valid(presented: str, keys: list[str]) -> bool:
 
 def bearer_token(req: Request) -> str | None:
     """The token of an ``Authorization: Bearer`` header, or None."""
-    scheme, _, token = req.headers.get("Authorization", "").partition(" ")
+    scheme, _, token = req.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         return None

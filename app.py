@@ -74,7 +74,8 @@ def assign_request_id() -> None:
     request_globals = g._get_current_object()
     if "request_id" in request_globals:
         return
-    given = request.headers.get("X-Request-Id", "")
+    # From the environ: Werkzeug's headers raise and catch a KeyError for a header not sent.
+    given = request.environ.get("HTTP_X_REQUEST_ID", "")
     if 1 <= len(given) <= 200 and REQUEST_ID_CHARS.issuperset(given):
         request_globals.request_id = given
     else:

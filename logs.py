@@ -172,6 +172,7 @@ def iso_time(seconds: float) -> str:
 
 def _log_time() -> str:
     """The text access line's timestamp (local time, whole seconds), formatted once a second."""
-    now = time.time()
-    iso_time(now)
+    now = int(time.time())
+    if _log_second[0] != now:
+        iso_time(now)
     return _log_second[1]

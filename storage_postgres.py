@@ -606,28 +606,29 @@ class Connections:
 
     def acquire(self) -> psycopg.Connection:
         """A connection from this process's pool."""
-        pool = self._pool()
+        pid = os.getpid()  # once: each call is a system call
+        pool = self._pool(pid)
         try:
             conn = pool.getconn()
         except PoolTimeout:
             connect(self.url, self.statement_timeout).close()  # unavailable if unreachable
-            if self._in_use.get(os.getpid(), 0) >= self.pool_size:
+            if self._in_use.get(pid, 0) >= self.pool_size:
                 raise  # the server answers and every connection is taken: busy
             # The server is back, but the pool is still waiting out its reconnection backoff
             # from the outage: start afresh rather than answer 503 for seconds more.
             pool = self._replace_pool(pool)
             conn = pool.getconn()
         with self._lock:
-            self._in_use[os.getpid()] = self._in_use.get(os.getpid(), 0) + 1
+            self._in_use[pid] = self._in_use.get(pid, 0) + 1
             self._origin[id(conn)] = pool
-        if os.getpid() not in self._ready:
+        if pid not in self._ready:
             try:
                 if schema_version(conn) < len(MIGRATIONS):
                     raise DatabaseMissing("the database is not initialised: run init-db")
             except BaseException:
                 self.release(conn)
                 raise
-            self._ready.add(os.getpid())
+            self._ready.add(pid)
         return conn
 
     def release(self, conn: psycopg.Connection) -> None:
@@ -647,8 +648,7 @@ class Connections:
         if pool is not None:
             pool.close()
 
-    def _pool(self) -> ConnectionPool:
-        pid = os.getpid()
+    def _pool(self, pid: int) -> ConnectionPool:
         pool = self._pools.get(pid)
         if pool is None:
             with self._lock:
@@ -681,4 +681,4 @@ class Connections:
             if self._pools.get(os.getpid()) is old:
                 self._pools[os.getpid()] = self._new_pool()
         old.close(timeout=0)
-        return self._pool()
+        return self._pool(os.getpid())
