@@ -121,36 +121,27 @@ def remote_addresses(gunicorn: Gunicorn, forwarded: list[str]) -> list[str]:
 FORGED = ["198.51.100.7", "198.51.100.7, 203.0.113.9", "not-an-address"]
 
 
-def test_forwarded_headers_are_ignored_when_no_proxy_is_trusted(tmp_path):
-    gunicorn = Gunicorn(tmp_path, workers=1, env={"CUSTOMERS_LOG_FORMAT": "json"}).start()
-    try:
-        assert remote_addresses(gunicorn, FORGED) == ["127.0.0.1"] * 3
-    finally:
-        gunicorn.stop()
-
-
-def test_behind_one_trusted_proxy_the_address_it_saw_is_the_clients(tmp_path):
-    env = {"CUSTOMERS_LOG_FORMAT": "json", "CUSTOMERS_TRUSTED_PROXIES": "1"}
-    gunicorn = Gunicorn(tmp_path, workers=1, env=env).start()
-    try:
-        # The proxy (here, the test) appends what it saw; what the client wrote before it is not
+@pytest.mark.parametrize(
+    "proxies, forwarded, believed",
+    [
+        # Unset: forwarded headers are ignored, whatever a client writes.
+        (None, FORGED, ["127.0.0.1"] * 3),
+        # One proxy (here, the test) appends what it saw; what the client wrote before it is not
         # believed.
-        assert remote_addresses(gunicorn, FORGED) == [
-            "198.51.100.7",
-            "203.0.113.9",
-            "not-an-address",
-        ]
-    finally:
-        gunicorn.stop()
-
-
-def test_behind_two_trusted_proxies_the_first_proxys_entry_is_the_client(tmp_path):
-    env = {"CUSTOMERS_LOG_FORMAT": "json", "CUSTOMERS_TRUSTED_PROXIES": "2"}
+        ("1", FORGED, ["198.51.100.7", "203.0.113.9", "not-an-address"]),
+        # Two: the first proxy's entry; with one entry a proxy is missing and nothing is believed.
+        ("2", ["forged, 198.51.100.7, 10.0.0.2", "198.51.100.7"], ["198.51.100.7", "127.0.0.1"]),
+    ],
+)
+def test_a_forwarded_address_is_believed_only_from_trusted_proxies(
+    tmp_path, proxies, forwarded, believed
+):
+    env = {"CUSTOMERS_LOG_FORMAT": "json"}
+    if proxies is not None:
+        env["CUSTOMERS_TRUSTED_PROXIES"] = proxies
     gunicorn = Gunicorn(tmp_path, workers=1, env=env).start()
     try:
-        forwarded = ["forged, 198.51.100.7, 10.0.0.2", "198.51.100.7"]
-        # One entry for two proxies: a proxy is missing, so nothing is believed.
-        assert remote_addresses(gunicorn, forwarded) == ["198.51.100.7", "127.0.0.1"]
+        assert remote_addresses(gunicorn, forwarded) == believed
     finally:
         gunicorn.stop()
 
