@@ -318,7 +318,7 @@ def docs_asset(filename: str):
 
 class CustomersApp(Flask):
     """Flask, remembering which views and hooks are plain functions: Flask asks ``inspect``
-    again for each one at every request (about 7% of a GET's instructions)."""
+    again for each one at every request."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
