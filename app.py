@@ -82,9 +82,7 @@ def assign_request_id() -> None:
         request_globals.request_id = os.urandom(16).hex()  # secrets.token_hex(16), one call less
     request_globals.request_started = time.perf_counter()
     counted = flag(current_app.config.get("CUSTOMERS_METRICS", True))
-    request_globals.request_counted = counted
-    if counted:
-        metrics.request_started()
+    request_globals.request_counted = counted and metrics.request_started()
 
 
 def require_api_key() -> None:
@@ -329,7 +327,9 @@ class CustomersApp(Flask):
         try:
             return self._synchronous[func]
         except KeyError:
-            ready = self._synchronous[func] = super().ensure_sync(func)
+            ready = super().ensure_sync(func)
+            if len(self._synchronous) < 1000:  # not every callable made per request
+                self._synchronous[func] = ready
             return ready
 
 

@@ -19,7 +19,7 @@ UNMATCHED_ROUTE = "unmatched"  # a 404 or 405: no route template, and never the 
 # <customer_id:customer_id> -> <customer_id>
 ROUTE_PARAMETER = re.compile(r"<(?:[^<>:]*:)?([^<>]+)>")
 _route_templates: dict[str, str] = {}
-_log_second: list = [0, "", ""]
+_this_second: tuple[int, str, str] = (0, "", "")  # replaced whole: threads read it whole
 
 
 def route_template(rule: str | None) -> str:
@@ -71,12 +71,19 @@ class ErrorFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if wants_json():
             return self._json.format(record)
-        request_id = request_fields().get("request_id")
-        if request_id is None:
-            return super().format(record)
-        record = logging.makeLogRecord(record.__dict__)
-        record.msg, record.args = f"request_id={request_id} {record.getMessage()}", None
         return super().format(record)
+
+
+def _request_id_in_text(record: logging.LogRecord) -> bool:
+    """In text, an error line of a request starts its message with ``request_id=...``: whatever
+    handler writes it (a host app may give the logger its own)."""
+    request_id = request_fields().get("request_id")
+    if request_id is not None and not wants_json():
+        record.msg, record.args = f"request_id={request_id} {record.getMessage()}", None
+    return True
+
+
+error_log.addFilter(_request_id_in_text)
 
 
 def request_fields() -> dict:
@@ -158,21 +165,25 @@ def plain(text: str) -> str:
     return quote(text, safe="/:@!$&'()*+,;=-._~")
 
 
+def _second_texts(second: int) -> tuple[int, str, str]:
+    """A second as the text line (local time) and JSON (UTC) write it, formatted once."""
+    global _this_second
+    texts = _this_second
+    if texts[0] != second:
+        texts = _this_second = (
+            second,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)),
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+        )
+    return texts
+
+
 def iso_time(seconds: float) -> str:
     """UTC in ISO 8601 with milliseconds: ``2026-11-26T05:01:02.345Z``."""
     whole = int(seconds)
-    if _log_second[0] != whole:
-        _log_second[:] = [
-            whole,
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole)),
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)),
-        ]
-    return f"{_log_second[2]}.{int((seconds - whole) * 1000):03d}Z"
+    return f"{_second_texts(whole)[2]}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def _log_time() -> str:
-    """The text access line's timestamp (local time, whole seconds), formatted once a second."""
-    now = int(time.time())
-    if _log_second[0] != now:
-        iso_time(now)
-    return _log_second[1]
+    """The text access line's timestamp (local time, whole seconds)."""
+    return _second_texts(int(time.time()))[1]

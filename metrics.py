@@ -13,6 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from customers_service.logs import error_log
+
 # A client chooses its method; a label of every method it sends would grow without bound.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -47,26 +49,49 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
-def request_started() -> None:
-    """Count a request in flight."""
-    IN_FLIGHT.inc()
+def request_started() -> bool:
+    """Count a request in flight; False if the counts cannot be written (a request never fails
+    for its metrics: a removed PROMETHEUS_MULTIPROC_DIR is logged, once; prometheus_client's
+    files then fail with OSError first, TypeError after)."""
+    try:
+        IN_FLIGHT.inc()
+    except Exception as e:  # never a failed request for its metrics
+        _cannot_count(e)
+        return False
+    return True
 
 
 def request_finished(route: str, method: str, status: int, seconds: float) -> None:
     """Count an answered request and its latency, and end its time in flight."""
     key = (route, method, status)
-    series = _request_series.get(key)
-    if series is None:  # labels() takes a lock and builds a key: do it once per series
-        series = (REQUESTS.labels(route, method, str(status)), LATENCY.labels(route, method))
-        _request_series[key] = series
-    series[0].inc()
-    series[1].observe(seconds)
-    IN_FLIGHT.dec()
+    try:
+        series = _request_series.get(key)
+        if series is None:  # labels() takes a lock and builds a key: once per series
+            series = (REQUESTS.labels(route, method, str(status)), LATENCY.labels(route, method))
+            _request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
+        IN_FLIGHT.dec()
+    except Exception as e:  # never a failed request for its metrics
+        _cannot_count(e)
 
 
 def database_error(code: str) -> None:
     """Count a request answered 503 for a database fault."""
-    DATABASE_ERRORS.labels(code).inc()
+    try:
+        DATABASE_ERRORS.labels(code).inc()
+    except Exception as e:  # never a failed request for its metrics
+        _cannot_count(e)
+
+
+_said: list = []
+
+
+def _cannot_count(error: Exception) -> None:
+    """Say once per process that metrics cannot be written, and why."""
+    if not _said:
+        _said.append(error)
+        error_log.error("metrics: cannot write the counts: %s", error)
 
 
 class _Collected:

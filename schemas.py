@@ -5,7 +5,7 @@ import re
 import uuid
 
 import pycountry
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, pre_load, validate
 
 SEED_EXAMPLE = {
     "customer_id": "5eb02857-a71e-4ea2-bcf9-57d3a41bc6ba",
@@ -271,7 +271,8 @@ class CustomerSchema(Schema):
         # no hook but drop_unknown_nulls (which changes nothing when every key is known).
         hooks = {tag: [hook[0] for hook in found] for tag, found in self._hooks.items() if found}
         self._plain = hooks == {"pre_load": ["drop_unknown_nulls"]} and not any(
-            field.data_key or field.attribute for field in self.load_fields.values()
+            field.data_key or field.attribute or field.load_default is not missing
+            for field in self.load_fields.values()
         )
 
     def load(self, data, *, many=None, partial=None, unknown=None):

@@ -452,16 +452,19 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-_this_second: list = [0, ""]
+_this_second: tuple[int, str] = (0, "")  # replaced whole: threads read it whole
 
 
 def utc_now() -> str:
     """The current time as the API writes it: ISO 8601, UTC, whole seconds (formatted once a
     second)."""
-    now = int(time.time())
-    if _this_second[0] != now:
-        _this_second[:] = [now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))]
-    return _this_second[1]
+    global _this_second
+    now, text = _this_second
+    second = int(time.time())
+    if now != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _this_second = (second, text)
+    return text
 
 
 def new_lago_id() -> str:

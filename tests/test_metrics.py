@@ -4,6 +4,7 @@ webhook backlog, counted across every gunicorn worker."""
 import glob
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -260,20 +261,57 @@ def test_the_in_flight_gauge_counts_the_scrape_itself(client):
     assert series(scraped, "customers_http_requests_in_flight") == {(): 1.0}
 
 
-def metrics_folders_of(gunicorn: Gunicorn) -> list[str]:
-    """The metrics folders gunicorn.conf.py made for this gunicorn (named with its pid)."""
-    pattern = os.path.join(tempfile.gettempdir(), f"customers-metrics-{gunicorn.proc.pid}-*")
-    return glob.glob(pattern)
+def metrics_folders() -> set[str]:
+    """The metrics folders gunicorn.conf.py has made and not yet removed."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "customers-metrics-*")))
 
 
-def test_gunicorn_removes_its_metrics_folder_and_one_a_killed_gunicorn_left(tmp_path):
+def started_with_its_metrics_folder(tmp_path) -> tuple[Gunicorn, str]:
+    before = metrics_folders()
+    gunicorn = Gunicorn(tmp_path, workers=1).start()
+    [folder] = metrics_folders() - before
+    return gunicorn, folder
+
+
+def test_a_start_removes_only_the_metrics_folders_of_killed_gunicorns(tmp_path):
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-    killed = Gunicorn(tmp_path, workers=1).start()
-    [left] = metrics_folders_of(killed)
-    killed.stop(signal.SIGKILL)  # no on_exit: its folder stays
-    assert os.path.isdir(left)
-    clean = Gunicorn(tmp_path, workers=1).start()
-    [own] = metrics_folders_of(clean)
-    assert not os.path.exists(left), "a dead gunicorn's folder is removed at the next start"
-    clean.stop()
-    assert not os.path.exists(own)
+    live, live_folder = started_with_its_metrics_folder(tmp_path)
+    try:
+        killed, left = started_with_its_metrics_folder(tmp_path)
+        killed.stop(signal.SIGKILL)  # no on_exit: its folder stays
+        assert os.path.isdir(left)
+        clean = Gunicorn(tmp_path, workers=1).start()
+        assert not os.path.exists(left), "a killed gunicorn's folder is removed at the next start"
+        assert os.path.isdir(live_folder), "a live gunicorn's folder is left alone"
+        assert requests.get(live.url + "/metrics", headers=AUTH, timeout=10).status_code == 200
+        clean.stop()
+    finally:
+        live.stop()
+    assert not os.path.exists(live_folder), "a gunicorn removes its own folder when it stops"
+
+
+def test_a_request_never_fails_for_its_metrics(tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    gunicorn = Gunicorn(tmp_path, workers=1, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    gunicorn.start()
+    try:
+        shutil.rmtree(metrics_dir)  # an operator's mistake: where the counts go is gone
+        first = set(gunicorn_workers(gunicorn))
+        os.kill(gunicorn.proc.pid, signal.SIGTTIN)  # a new worker, whose files cannot be made
+        wait_for(lambda: set(gunicorn_workers(gunicorn)) - first)
+        os.kill(gunicorn.proc.pid, signal.SIGTTOU)  # gunicorn stops the oldest
+        wait_for(lambda: not set(gunicorn_workers(gunicorn)) & first)
+        for _ in range(3):
+            answer = requests.get(gunicorn.url + "/api/v1/customers", headers=AUTH, timeout=10)
+            assert answer.status_code == 200
+    finally:
+        gunicorn.stop()
+    assert gunicorn.log().count("metrics: cannot write the counts") == 1
+
+
+def gunicorn_workers(gunicorn: Gunicorn) -> list[int]:
+    """The pids of the gunicorn's workers (its master's children)."""
+    pid = gunicorn.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
