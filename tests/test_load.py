@@ -1,5 +1,6 @@
 """Slow clients: behind nginx (the documented set-up), they do not hold up anyone else."""
 
+import os
 import socket
 import threading
 import time
@@ -69,9 +70,8 @@ def test_nginx_passes_the_callers_request_id(server, nginx):
     assert "request_id=through-nginx" in server.log()
 
 
-def test_gunicorn_configuration_holds_the_deployment_defaults(monkeypatch, tmp_path):
-    # Unset, the file makes a metrics folder and names it in the environment: not this one's.
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+def test_gunicorn_configuration_holds_the_deployment_defaults():
+    environment = dict(os.environ)
     config: dict = {}
     exec((ROOT / "gunicorn.conf.py").read_text(), config)
     assert config["worker_class"] == "sync"
@@ -80,3 +80,4 @@ def test_gunicorn_configuration_holds_the_deployment_defaults(monkeypatch, tmp_p
     assert config["limit_request_fields"] <= 100
     assert config["accesslog"] is None
     assert callable(config["child_exit"])  # a dead worker's metrics files are cleaned up
+    assert dict(os.environ) == environment  # reading it changes nothing: on_starting does
