@@ -110,8 +110,7 @@ def finish_response(response):
     headers.setdefault("Cache-Control", "no-store")
     seconds = time.perf_counter() - request_globals.request_started
     req = request._get_current_object()
-    rule = req.url_rule
-    route = route_template(rule.rule if rule is not None else None)
+    route = route_template(req.url_rule)
     status = response.status_code
     if request_globals.request_counted:
         metrics.request_finished(route, metrics.method_label(req.method), status, seconds)

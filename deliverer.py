@@ -34,6 +34,11 @@ class DelivererSettings:
     prune_every: float = 60.0
 
 
+def lease_key(delivery: dict) -> dict:
+    """A claimed delivery's key in the queue (endpoint, event), as storage takes it back."""
+    return {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
+
+
 class Unreachable:
     """Endpoints that did not answer (no connection, or no answer in time). While one keeps
     failing, it gets one delivery at a time, and none while it cools down (the retry schedule,
@@ -182,7 +187,7 @@ class Deliverer:
         for delivery in claimed:
             endpoint = delivery["endpoint"]
             if endpoint in self.unreachable.streak and endpoint in seen:
-                extra.append({"endpoint": endpoint, "event": delivery["event"]["sequence"]})
+                extra.append(lease_key(delivery))
             else:
                 kept.append(delivery)
                 seen.add(endpoint)
@@ -195,10 +200,7 @@ class Deliverer:
         must not make another deliverer send the same event meanwhile. Only those: a lease
         whose delivery never reached a thread (a fault between the claim and here) runs out.
         A deliverer that dies stops renewing, and its leases run out too."""
-        keys = [
-            {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
-            for delivery in in_flight.values()
-        ]
+        keys = [lease_key(delivery) for delivery in in_flight.values()]
         self._connected().renew_leases(self.owner, unix_now() + self.settings.lease, keys)
 
     def _record_done(self, in_flight: dict) -> None:
@@ -223,7 +225,7 @@ class Deliverer:
         """POST one event to one endpoint; the outcome to record, with ``answered`` (whether
         the endpoint answered at all). Never an exception: one would leave the delivery leased
         until its lease ran out."""
-        outcome = {"endpoint": delivery["endpoint"], "event": delivery["event"]["sequence"]}
+        outcome = lease_key(delivery)
         tried_at = unix_now()
         try:
             body, headers = delivery_request(delivery["secret"], event_object(delivery["event"]))

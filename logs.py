@@ -10,6 +10,7 @@ import time
 from urllib.parse import quote
 
 from flask import Request, current_app, g, has_app_context, has_request_context, request
+from werkzeug.routing import Rule
 
 error_log = logging.getLogger("customers.errors")
 
@@ -22,14 +23,14 @@ _route_templates: dict[str, str] = {}
 _this_second: tuple[int, str, str] = (0, "", "")  # replaced whole: threads read it whole
 
 
-def route_template(rule: str | None) -> str:
-    """The route a request matched, with its converters dropped, or ``unmatched``: never the
-    path, which holds a customer_id."""
+def route_template(rule: Rule | None) -> str:
+    """The route a request matched (its ``url_rule``), with its converters dropped, or
+    ``unmatched``: never the path, which holds a customer_id."""
     if rule is None:
         return UNMATCHED_ROUTE
-    template = _route_templates.get(rule)
+    template = _route_templates.get(rule.rule)
     if template is None:
-        template = _route_templates[rule] = ROUTE_PARAMETER.sub(r"<\1>", rule)
+        template = _route_templates[rule.rule] = ROUTE_PARAMETER.sub(r"<\1>", rule.rule)
     return template
 
 
@@ -90,11 +91,10 @@ def request_fields() -> dict:
     """The current request's id, method and route template, or nothing outside a request."""
     if not has_request_context():
         return {}
-    rule = request.url_rule
     return {
         "request_id": g.get("request_id"),
         "method": request.method,
-        "route": route_template(rule.rule if rule is not None else None),
+        "route": route_template(request.url_rule),
     }
 
 
