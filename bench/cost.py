@@ -28,6 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from versions import add_worktree, remove_worktree, shim  # noqa: E402
 
 PHASES = ("echo", "insert", "update", "get", "list")
 # An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
@@ -158,10 +161,9 @@ def child_env(tmp: str, code: str = ROOT) -> dict:
     """The child's environment: ``code`` (this checkout, or another commit's) importable as
     customers_service, and metrics in prometheus_client's multiprocess mode, as under
     gunicorn.conf.py."""
-    shim = tempfile.mkdtemp(prefix="path-", dir=tmp)
-    os.symlink(code, os.path.join(shim, "customers_service"))
+    path = shim(code, os.path.join(tempfile.mkdtemp(prefix="path-", dir=tmp), "importable"))
     metrics = tempfile.mkdtemp(prefix="metrics-", dir=tmp)
-    return {**os.environ, "PYTHONPATH": shim, "PROMETHEUS_MULTIPROC_DIR": metrics}
+    return {**os.environ, "PYTHONPATH": path, "PROMETHEUS_MULTIPROC_DIR": metrics}
 
 
 def instructions(config: dict, args, tmp: str, code: str) -> dict[str, float]:
@@ -233,10 +235,8 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.config)
     tmp = tempfile.mkdtemp(prefix="bench-cost-")
     cluster, code = None, ROOT
-    worktree = ["git", "-C", ROOT, "worktree"]
     if args.commit:
-        code = os.path.join(tmp, "code")
-        subprocess.run([*worktree, "add", "--detach", code, args.commit], check=True)
+        code = add_worktree(args.commit, os.path.join(tmp, "code"))
     try:
         for backend in args.backends:
             config = {
@@ -265,7 +265,7 @@ def main() -> None:
         if cluster is not None:
             cluster.remove()
         if args.commit:
-            subprocess.run([*worktree, "remove", "--force", code], check=False)
+            remove_worktree(code)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -31,17 +30,10 @@ from run import (  # noqa: E402
     run_wrk,
     template_database,
 )
+from versions import add_worktree, remove_worktree, shim  # noqa: E402
 
 SCENARIOS = ("insert", "update", "get", "list")
 TARGETS = ("SQLite NORMAL", "SQLite FULL", "PostgreSQL")
-
-
-def shim(code: str, tmp: str, name: str) -> str:
-    """A folder whose only entry is ``customers_service``, a link to a version's code."""
-    folder = os.path.join(tmp, name)
-    os.makedirs(folder)
-    os.symlink(os.path.abspath(code), os.path.join(folder, "customers_service"))
-    return folder
 
 
 def main() -> None:
@@ -54,12 +46,13 @@ def main() -> None:
     args = parser.parse_args()
     wrk = ensure_wrk()
     tmp = tempfile.mkdtemp(prefix="bench-speed-")
-    base_code = os.path.join(tmp, "base")
-    worktree = ["git", "-C", ROOT, "worktree"]
-    subprocess.run([*worktree, "add", "--detach", base_code, args.base], check=True)
+    base_code = add_worktree(args.base, os.path.join(tmp, "base"))
     cluster, servers = None, {}
     try:
-        paths = {"before": shim(base_code, tmp, "before"), "after": shim(ROOT, tmp, "after")}
+        paths = {
+            "before": shim(base_code, os.path.join(tmp, "before")),
+            "after": shim(ROOT, os.path.join(tmp, "after")),
+        }
         template = template_database(tmp, args.rows)
         cluster = PostgresCluster(shared_buffers="512MB")
         cluster.init()
@@ -115,7 +108,7 @@ def main() -> None:
             server.stop()
         if cluster is not None:
             cluster.remove()
-        subprocess.run([*worktree, "remove", "--force", base_code], check=False)
+        remove_worktree(base_code)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

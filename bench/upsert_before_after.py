@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from postgres_cluster import PostgresCluster  # noqa: E402
 
+sys.path.insert(0, HERE)
+from versions import add_worktree, remove_worktree, shim  # noqa: E402
+
 sys.path.insert(0, ROOT)
 from customers_service.schemas import SEED_EXAMPLE  # noqa: E402
 
@@ -77,14 +80,6 @@ print((count - 50) / elapsed)
 """
 
 
-def shim(version_root: str, tmp: str, name: str) -> str:
-    """A folder whose only entry is ``customers_service``, a link to a version's checkout."""
-    folder = os.path.join(tmp, name)
-    os.makedirs(folder)
-    os.symlink(version_root, os.path.join(folder, "customers_service"))
-    return folder
-
-
 def run_child(path: str, config: dict, task: str, count: int, round_: int, metadata: bool) -> str:
     """The child's output: upserts per second, or nothing for a fill."""
     env = {**os.environ, "PYTHONPATH": path}
@@ -112,12 +107,13 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-before-after-")
-    base_root = os.path.join(tmp, "base")
-    worktree = ["git", "-C", ROOT, "worktree"]
-    subprocess.run([*worktree, "add", "--detach", base_root, args.base], check=True)
+    base_root = add_worktree(args.base, os.path.join(tmp, "base"))
     cluster = None
     try:
-        versions = {"base": shim(base_root, tmp, "base-path"), "now": shim(ROOT, tmp, "now-path")}
+        versions = {
+            "base": shim(base_root, os.path.join(tmp, "base-path")),
+            "now": shim(ROOT, os.path.join(tmp, "now-path")),
+        }
         configs = {}
         if "sqlite" in args.backends:
             for version in versions:
@@ -162,7 +158,7 @@ def main() -> None:
     finally:
         if cluster is not None:
             cluster.remove()
-        subprocess.run([*worktree, "remove", "--force", base_root], check=False)
+        remove_worktree(base_root)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
