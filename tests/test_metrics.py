@@ -18,6 +18,7 @@ from conftest import API_KEY, AUTH, Gunicorn, post_customer
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 
+from customers_service import database
 from customers_service.app import bp, create_app
 from customers_service.database import prepare_database
 
@@ -187,6 +188,26 @@ def test_database_errors_are_counted_by_code_and_a_scrape_still_answers(app, cli
     answer = client.get("/metrics", headers=AUTH)  # its backlog read fails too: one more
     assert answer.status_code == 200
     assert samples(answer.get_data(True))[key] == before + 2
+
+
+def test_postgres_errors_are_counted_by_code_and_a_scrape_still_answers(postgres, tmp_path):
+    app = create_app(
+        {
+            "TESTING": True,
+            "CUSTOMERS_DATABASE_URL": postgres.url("no_such_database"),  # the server answers no
+            "CUSTOMERS_POSTGRES_POOL_TIMEOUT": 0.3,
+            "CUSTOMERS_API_KEYS": API_KEY,
+            "CUSTOMERS_API_KEY_FILE": str(tmp_path / "api-keys"),
+        }
+    )
+    client = app.test_client()
+    key = ("customers_database_errors_total", (("code", "database_unavailable"),))
+    before = samples(client.get("/metrics", headers=AUTH).get_data(True)).get(key, 0)
+    assert client.get("/api/v1/customers/c1", headers=AUTH).json["code"] == "database_unavailable"
+    answer = client.get("/metrics", headers=AUTH)  # its backlog read fails too: one more
+    assert answer.status_code == 200
+    assert samples(answer.get_data(True))[key] == before + 2
+    database.close_connections()
 
 
 def test_the_webhook_backlog_is_a_gauge_per_endpoint(client, runner):
