@@ -4,10 +4,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from operator import itemgetter
 from urllib.parse import quote
 
 from customers_service.wal_sync import WalSync
@@ -411,6 +413,29 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """
     with conn:
         yield conn
+    make_durable(conn)
+
+
+def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
+    """Run one statement as its own transaction and return its rows; with FULL, on disk when
+    this returns.
+
+    SQLite commits it when it ends (autocommit), so it needs no BEGIN and COMMIT statements,
+    which Python's sqlite3 compiles anew each time, and no statement journal: about 30,000
+    instructions less an upsert. A fault rolls the statement back whole, as a transaction.
+    """
+    conn.isolation_level = None
+    try:
+        # fetchall steps to the end: SQLite commits there, and a failed commit raises here.
+        rows = conn.execute(sql, params).fetchall()
+    finally:
+        conn.isolation_level = ""  # back to what connect() opened: BEGIN before a change
+    make_durable(conn)
+    return rows
+
+
+def make_durable(conn: sqlite3.Connection) -> None:
+    """With FULL, fsync the WAL after a commit (WalSync); with NORMAL, nothing."""
     durability = getattr(conn, "durability", None)
     if durability is not None:
         try:
@@ -538,6 +563,12 @@ def upsert_params(fields: Mapping, now: str, flag=bool) -> dict:
 
 
 UPSERT_PARAMS = tuple(upsert_params({}, ""))
+# UPSERT_CUSTOMER with its parameters numbered (?1 is UPSERT_PARAMS[0]), given as a tuple:
+# sqlite3 binds a named parameter by making its name a str and looking it up, 45 times a row.
+UPSERT_NUMBERED = re.sub(
+    r":(\w+)", lambda m: f"?{UPSERT_PARAMS.index(m.group(1)) + 1}", UPSERT_CUSTOMER
+)
+in_upsert_order = itemgetter(*UPSERT_PARAMS)
 
 
 def sent_fields(params: Mapping) -> dict:
@@ -560,10 +591,9 @@ def refusal(error: sqlite3.IntegrityError) -> dict:
 def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
     """Create the customer, or update the keys present in ``fields``; return the row.
     Raise TooManyMetadataKeys, having written nothing, if the merged metadata is too large."""
+    params = upsert_params(fields, utc_now(), flag=int)
     try:
-        with write(conn):
-            params = upsert_params(fields, utc_now(), flag=int)
-            row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
+        (row,) = write_alone(conn, UPSERT_NUMBERED, in_upsert_order(params))
     except sqlite3.IntegrityError as e:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
@@ -579,9 +609,8 @@ def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
 
 def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
     """Delete the customer and return it as it was, or None if there was none."""
-    with write(conn):
-        row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
-    return customer_from_row(row) if row else None
+    rows = write_alone(conn, DELETE_CUSTOMER, (customer_id,))
+    return customer_from_row(rows[0]) if rows else None
 
 
 def filter_sql(filters, walk: bool = False) -> tuple[str, dict]:
