@@ -212,14 +212,14 @@ def get_store() -> Store:
 
 def release_store() -> None:
     """End the request's use of its connection."""
-    store = g.pop("customers_store", None)
+    store = g._get_current_object().pop("customers_store", None)
     if store is not None:
         store.connections.release(store.conn)
 
 
 def forget_store() -> None:
     """After a fault: give up the request's connection, so the next request gets a sound one."""
-    store = g.pop("customers_store", None)
+    store = g._get_current_object().pop("customers_store", None)
     if store is not None:
         store.connections.discard(store.conn)
 

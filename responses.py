@@ -40,7 +40,8 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 def json_response(body: dict, status: int = 200) -> Response:
     """``body`` as JSON with its keys in the order given (the contract's), as Flask writes it."""
     text = _encode(body) + "\n"
-    return current_app.response_class(text, status, mimetype="application/json")
+    response_class = current_app._get_current_object().response_class  # not through the proxy
+    return response_class(text, status, content_type="application/json")
 
 
 def error_response(

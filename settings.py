@@ -68,11 +68,12 @@ INSTANCE_FILES = {"CUSTOMERS_DATABASE": "customers.sqlite3", "CUSTOMERS_API_KEY_
 
 def setting(name: str, app: Flask | None = None):
     """A CUSTOMERS_* setting of ``app`` (the current app by default), or its default."""
-    config = (app or current_app._get_current_object()).config
+    app = app or current_app._get_current_object()
+    config = app.config
     if name in config:
         return config[name]
     if name in INSTANCE_FILES:
-        return os.path.join((app or current_app).instance_path, INSTANCE_FILES[name])
+        return os.path.join(app.instance_path, INSTANCE_FILES[name])
     return DEFAULTS[name]
 
 
