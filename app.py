@@ -4,8 +4,19 @@ import os
 import time
 
 import click
-from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    Response,
+    current_app,
+    g,
+    has_app_context,
+    request,
+    send_from_directory,
+)
 from marshmallow import ValidationError
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
@@ -105,10 +116,7 @@ def finish_response(response):
     request_globals.response_finished = True
     assign_request_id()
     request_id = request_globals.request_id
-    headers = response.headers
-    headers["X-Request-Id"] = request_id
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers.setdefault("Cache-Control", "no-store")
+    add_common_headers(response.headers, request_id)
     seconds = time.perf_counter() - request_globals.request_started
     req = request._get_current_object()
     route = route_template(req.url_rule)
@@ -118,6 +126,22 @@ def finish_response(response):
     as_json = wants_json(current_app._get_current_object().config)
     write_access_line(req, as_json, request_id, route, status, seconds * 1000)
     return response
+
+
+def add_common_headers(headers: Headers, request_id: str) -> None:
+    """X-Request-Id, nosniff, and Cache-Control: no-store unless the response has its own.
+
+    One look at the headers already there, then each added: Werkzeug's set() scans them all for
+    each header it sets, and setdefault() raises and catches a KeyError for an absent one.
+    """
+    present = {name.lower() for name, _ in headers}
+    for name, value in (("X-Request-Id", request_id), ("X-Content-Type-Options", "nosniff")):
+        if name.lower() in present:
+            headers.set(name, value)
+        else:
+            headers.add(name, value)
+    if "cache-control" not in present:
+        headers.add("Cache-Control", "no-store")
 
 
 bp.before_request(assign_request_id)
@@ -314,9 +338,27 @@ def docs_asset(filename: str):
 # --- the standalone app ----------------------------------------------------------------------
 
 
+class CustomersRequest(Request):
+    """Flask's request, reading MAX_CONTENT_LENGTH from the app itself: Flask's own property
+    reads it through the app's proxy, twice a request."""
+
+    @property
+    def max_content_length(self) -> int | None:
+        """This request's limit if one was set, else the app's MAX_CONTENT_LENGTH, as Flask's."""
+        if self._max_content_length is None and has_app_context():
+            return current_app._get_current_object().config["MAX_CONTENT_LENGTH"]
+        return Request.max_content_length.fget(self)
+
+    @max_content_length.setter
+    def max_content_length(self, value: int | None) -> None:
+        self._max_content_length = value
+
+
 class CustomersApp(Flask):
     """Flask, remembering which views and hooks are plain functions: Flask asks ``inspect``
     again for each one at every request."""
+
+    request_class = CustomersRequest
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -5,8 +5,9 @@ import stat
 
 import pytest
 from conftest import AUTH, SEED, post_customer, started_app
+from werkzeug.datastructures import Headers
 
-from customers_service.app import create_app
+from customers_service.app import CustomersRequest, add_common_headers, create_app
 
 
 def test_first_start_creates_a_private_key_file_and_says_where(tmp_path, capsys):
@@ -70,6 +71,40 @@ def test_api_responses_are_not_cached_or_sniffed(client):
     response = post_customer(client, SEED)
     assert response.headers["Cache-Control"] == "no-store"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+    for name in ("X-Request-Id", "X-Content-Type-Options", "Cache-Control"):
+        assert len(response.headers.getlist(name)) == 1, name
+
+
+def test_common_headers_replace_the_id_and_keep_a_response_s_own_cache_control():
+    headers = Headers(
+        [
+            ("Content-Type", "text/css"),
+            ("cache-control", "public, max-age=60"),
+            ("X-Request-Id", "a"),
+        ]
+    )
+    add_common_headers(headers, "b")
+    assert headers.to_wsgi_list() == [
+        ("Content-Type", "text/css"),
+        ("cache-control", "public, max-age=60"),
+        ("X-Request-Id", "b"),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
+
+
+def test_the_request_limit_is_read_as_flask_reads_it(app):
+    environ = {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "40"}
+    assert CustomersRequest(environ).max_content_length is None  # outside any app
+    with app.app_context():
+        assert CustomersRequest(environ).max_content_length is None
+        app.config["MAX_CONTENT_LENGTH"] = 30
+        assert CustomersRequest(environ).max_content_length == 30
+        request = CustomersRequest(environ)
+        request.max_content_length = 50  # Flask 3.1: one request's own limit
+        assert request.max_content_length == 50
+    response = post_customer(app.test_client(), SEED)
+    assert response.status_code == 413
+    assert response.get_json()["code"] == "payload_too_large"
 
 
 @pytest.mark.parametrize(
