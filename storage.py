@@ -430,13 +430,18 @@ def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
     SQLite commits it when it ends (autocommit), so it needs no BEGIN and COMMIT statements,
     which Python's sqlite3 compiles anew each time, and no statement journal: about 30,000
     instructions less an upsert. A fault rolls the statement back whole, as a transaction.
+    Inside a transaction the caller opened, it is one more statement of that transaction.
     """
-    conn.isolation_level = None
+    if conn.in_transaction:
+        with write(conn):
+            return conn.execute(sql, params).fetchall()
+    previous = conn.isolation_level
     try:
+        conn.isolation_level = None  # commits what is open: nothing, as just checked
         # fetchall steps to the end: SQLite commits there, and a failed commit raises here.
         rows = conn.execute(sql, params).fetchall()
     finally:
-        conn.isolation_level = ""  # back to what connect() opened: BEGIN before a change
+        conn.isolation_level = previous
     make_durable(conn)
     return rows
 

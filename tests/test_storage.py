@@ -25,6 +25,46 @@ def test_upsert_inserts_then_updates_present_keys_only(conn):
     assert (second["name"], second["country"], second["email"]) == ("A.", "FR", None)
 
 
+def test_the_numbered_upsert_binds_what_the_named_one_does():
+    # Every kind of value a parameter takes: absent and null fields, a metadata patch with a
+    # removal, metadata emptied, a restored lago_id and created_at; then the same as updates.
+    customers = [
+        {**ALICE, "metadata": {"plan": "pro", "gone": None}, "lago_id": "l-1"},
+        {"customer_id": "bob", "name": "Bob", "city": None, "metadata": None},
+        {"customer_id": "eve", "name": "Eve", "legal_name": "Eve SA", "created_at": "2020-01-01"},
+        {"customer_id": "alice", "name": "Al", "state": "CA", "metadata": {"plan": None}},
+        {"customer_id": "bob", "name": "B", "email": "B@X.TEST", "metadata": {"k": "v"}},
+        {"customer_id": "eve", "name": "E", "metadata": None, "zipcode": "75001"},
+    ]
+    named, numbered = storage.connect(":memory:"), storage.connect(":memory:")
+    for db in (named, numbered):
+        storage.migrate(db)
+    for fields in customers:
+        params = storage.upsert_params(fields, "2026-01-01T00:00:00Z", flag=int)
+        with named:
+            expected = named.execute(storage.UPSERT_CUSTOMER, params).fetchall()
+        with numbered:
+            got = numbered.execute(storage.UPSERT_NUMBERED, storage.in_upsert_order(params))
+            assert [tuple(r) for r in got.fetchall()] == [tuple(r) for r in expected]
+    search = "SELECT rowid FROM customer_search WHERE customer_search MATCH '\"x.te\"'"
+    assert named.execute(search).fetchall() == numbered.execute(search).fetchall() != []
+
+
+def test_a_write_alone_inside_a_transaction_is_part_of_it(conn):
+    storage.upsert_customer(conn, {**ALICE, "lago_id": "l-1"})
+    conn.execute("BEGIN")
+    conn.execute("UPDATE health_probe SET checked_at = 'then' WHERE id = 1")
+    with pytest.raises(sqlite3.IntegrityError):  # a lago_id that alice has
+        storage.upsert_customer(conn, {"customer_id": "bob", "name": "Bob", "lago_id": "l-1"})
+    assert not conn.in_transaction and conn.isolation_level == ""
+    # Undone with it: the upsert neither committed what was open nor ran on its own.
+    assert conn.execute("SELECT checked_at FROM health_probe").fetchone()[0] is None
+    storage.upsert_customer(conn, {"customer_id": "bob", "name": "Bob"})
+    assert not conn.in_transaction and conn.isolation_level == ""
+    conn.rollback()
+    assert storage.get_customer(conn, "bob")["name"] == "Bob"
+
+
 def test_upsert_returns_every_column(conn):
     row = storage.upsert_customer(conn, ALICE)
     assert tuple(row) == storage.COLUMNS
