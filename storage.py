@@ -430,7 +430,7 @@ def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
     SQLite commits it when it ends (autocommit), so it needs no BEGIN and COMMIT statements,
     which Python's sqlite3 compiles anew each time, and no statement journal: about 30,000
     instructions less an upsert. A fault rolls the statement back whole, as a transaction.
-    Inside a transaction the caller opened, it is one more statement of that transaction.
+    Inside a transaction the caller opened, it joins it and commits it, as write() does.
     """
     if conn.in_transaction:
         with write(conn):
