@@ -32,7 +32,6 @@ from customers_service.api_keys import (
 )
 from customers_service.body import customer_payload
 from customers_service.commands import cli
-from customers_service.event_storage import EventsExpired
 from customers_service.events import event_object, load_events_query
 from customers_service.list_query import load_list_query
 from customers_service.logs import (
@@ -51,7 +50,7 @@ from customers_service.responses import (
 )
 from customers_service.schemas import customer_schema
 from customers_service.settings import check_settings, flag, from_environment, setting
-from customers_service.storage import TooManyMetadataKeys
+from customers_service.storage import EventsExpired, TooManyMetadataKeys
 
 bp = Blueprint("customers", __name__, cli_group="customers")
 bp.cli = cli  # flask customers ...: the commands live in commands.py

@@ -17,10 +17,11 @@ from concurrent.futures import ProcessPoolExecutor
 import click
 from marshmallow import ValidationError
 
-from customers_service import schemas, storage
+from customers_service import schemas
+from customers_service.backends.shared import UPSERT_PARAMS, sent_fields, upsert_params
 from customers_service.body import parse_json
-from customers_service.database import Store
 from customers_service.responses import ApiError
+from customers_service.storage import Store, utc_now
 
 IMPORT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 EXTRA_CELLS = "\0extra"  # csv.DictReader's key for cells beyond the header
@@ -107,7 +108,7 @@ def _is_utf8(customer: dict) -> bool:
 def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]:
     """(line number, raw row if refused, upsert parameter values, errors) for a chunk of rows,
     each parsed if need be and put through the API's schema. Runs in the import's workers."""
-    now = storage.utc_now()
+    now = utc_now()
     checked = []
     for number, raw, errors in rows:
         if errors is None and isinstance(raw, bytes):
@@ -121,7 +122,7 @@ def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]
             try:
                 fields = schemas.customer_import_schema.load(raw)
                 # Values only, in UPSERT_PARAMS order: a third of the bytes to send back.
-                values = tuple(storage.upsert_params(fields, now).values())
+                values = tuple(upsert_params(fields, now).values())
                 checked.append((number, None, values, None))
                 continue
             except ValidationError as e:
@@ -253,13 +254,13 @@ def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
         if errors:
             report.reject(number, raw, errors)
         else:
-            valid.append((number, dict(zip(storage.UPSERT_PARAMS, values, strict=True))))
+            valid.append((number, dict(zip(UPSERT_PARAMS, values, strict=True))))
     started = time.monotonic()
     inserted, refused = import_with_retries(store, [params for _, params in valid])
     time.sleep((time.monotonic() - started) * store.backend.IMPORT_PAUSE)
     for position, errors in refused:  # a restored lago_id taken, metadata past 50 keys
         number, params = valid[position]
-        report.reject(number, storage.sent_fields(params), errors)
+        report.reject(number, sent_fields(params), errors)
     report.committed(inserted, len(valid) - len(refused) - inserted)
 
 

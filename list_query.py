@@ -1,7 +1,6 @@
 """The list's query string: its page, filters and sort, their rules (Marshmallow schemas, which
-the OpenAPI document is made from), and the Filters that each storage module turns into SQL."""
+the OpenAPI document is made from), read into the storage.Filters each backend turns into SQL."""
 
-import dataclasses
 import datetime
 import functools
 import re
@@ -23,7 +22,7 @@ from customers_service.schemas import (
     metadata_value_errors,
     no_nul,
 )
-from customers_service.storage import fold
+from customers_service.storage import Filters, fold
 
 SORTS = ("-created_at", "created_at", "-updated_at", "updated_at")
 MAX_VALUES = 100  # values of one list filter (countries[]=...&countries[]=...)
@@ -189,50 +188,6 @@ METADATA_PARAMETER_DOC = {
 }
 
 
-ORDER_NAMES = ("sort", "descending")
-
-
-@dataclasses.dataclass(frozen=True)
-class Filters:
-    """What a list selects and how it is ordered, in the values storage compares: ``search``
-    and ``email`` folded (storage.fold), countries upper-case, times as stored (UTC text)."""
-
-    search: str | None = None
-    customer_id: str | None = None
-    email: str | None = None
-    countries: tuple[str, ...] = ()
-    states: tuple[str, ...] = ()
-    zipcodes: tuple[str, ...] = ()
-    metadata: dict = dataclasses.field(default_factory=dict)
-    created_at_gte: str | None = None
-    created_at_lt: str | None = None
-    updated_at_gte: str | None = None
-    updated_at_lt: str | None = None
-    sort: str = "created_at"
-    descending: bool = True
-
-    def any(self) -> bool:
-        """Whether anything is filtered (the total is then counted, not read from a counter)."""
-        return any(getattr(self, name) not in (None, (), {}) for name in FILTER_NAMES)
-
-    def value_lists(self) -> list[tuple[str, tuple[str, ...]]]:
-        """(column, values) of each list filter given: the column is one of the values."""
-        lists = (("country", self.countries), ("state", self.states), ("zipcode", self.zipcodes))
-        return [(column, values) for column, values in lists if values]
-
-    def time_bounds(self) -> list[tuple[str, str, str, str]]:
-        """(column, operator, name, UTC text) of each time bound given."""
-        bounds = []
-        for bound, operator in (("gte", ">="), ("lt", "<")):
-            for column in ("created_at", "updated_at"):
-                value = getattr(self, f"{column}_{bound}")
-                if value is not None:
-                    bounds.append((column, operator, f"{column}_{bound}", value))
-        return bounds
-
-
-NO_FILTERS = Filters()
-FILTER_NAMES = tuple(f.name for f in dataclasses.fields(Filters) if f.name not in ORDER_NAMES)
 PAGINATION = frozenset(("page", "per_page"))
 pagination_schema = PaginationSchema()
 filters_schema = FiltersSchema()

@@ -4,7 +4,6 @@ import os
 
 from flask import Flask, current_app
 
-from customers_service import storage
 from customers_service.logs import LOG_FORMATS
 
 # Events' retention and the deliverer's (flask customers deliver-webhooks): numbers above 0.
@@ -86,9 +85,11 @@ def from_environment(config) -> None:
 
 def check_settings(config) -> None:
     """Refuse, at start, a setting the service could only fail on at every request."""
+    from customers_service.backends.sqlite.connections import SYNCHRONOUS_MODES
+
     synchronous = str(config.get("CUSTOMERS_SQLITE_SYNCHRONOUS", "FULL")).upper()
-    if synchronous not in storage.SYNCHRONOUS_MODES:
-        raise ValueError(f"CUSTOMERS_SQLITE_SYNCHRONOUS must be one of {storage.SYNCHRONOUS_MODES}")
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ValueError(f"CUSTOMERS_SQLITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}")
     for name in (
         "CUSTOMERS_MAX_BODY_BYTES",
         "CUSTOMERS_MIN_FREE_BYTES",

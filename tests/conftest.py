@@ -20,6 +20,8 @@ from postgres_cluster import PostgresCluster, free_port, psycopg_connect
 
 from customers_service import database, storage
 from customers_service.app import create_app
+from customers_service.backends.sqlite import connections as sqlite_connections
+from customers_service.backends.sqlite import schema as sqlite_schema
 from customers_service.database import prepare_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +154,8 @@ def runner(app):
 
 @pytest.fixture
 def conn():
-    connection = storage.connect(":memory:")
-    storage.migrate(connection)
+    connection = sqlite_connections.connect(":memory:")
+    sqlite_schema.migrate(connection)
     yield connection
     connection.close()
 

@@ -109,9 +109,9 @@ class PostgresCluster:
     def make_template(self) -> None:
         """A migrated database that each test's database is copied from."""
         self.admin(f"CREATE DATABASE {self.TEMPLATE}")
-        conn = storage_postgres().connect(self.url(self.TEMPLATE))
+        conn = postgres_backend().connections.connect(self.url(self.TEMPLATE))
         try:
-            storage_postgres().migrate(conn)
+            postgres_backend().schema.migrate(conn)
         finally:
             conn.close()
 
@@ -130,10 +130,10 @@ class PostgresCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def storage_postgres():
-    from customers_service import storage_postgres as module
+def postgres_backend():
+    import customers_service.backends.postgres as backend
 
-    return module
+    return backend
 
 
 def psycopg_connect(url: str):

@@ -12,8 +12,9 @@ import time
 import pytest
 from conftest import API_KEY, FLASK, ROOT, SEED, post_customer
 
-from customers_service import storage
 from customers_service.app import create_app
+from customers_service.backends.sqlite import customers as sqlite_customers
+from customers_service.backends.sqlite import schema as sqlite_schema
 
 
 def invoke(runner, *args, input=None):
@@ -23,7 +24,7 @@ def invoke(runner, *args, input=None):
 def rows(db_path) -> list[dict]:
     with sqlite3.connect(db_path) as db:
         db.row_factory = sqlite3.Row
-        query = f"SELECT {storage.SELECTED} FROM customers ORDER BY customer_id"
+        query = f"SELECT {sqlite_customers.SELECTED} FROM customers ORDER BY customer_id"
         return [dict(row) for row in db.execute(query)]
 
 
@@ -37,7 +38,7 @@ def test_init_db_is_safe_to_run_again(runner, db_path):
         result = invoke(runner, "init-db")
         assert result.exit_code == 0, result.output
     with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(storage.MIGRATIONS)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(sqlite_schema.MIGRATIONS)
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 
 

@@ -13,6 +13,7 @@ import requests
 from conftest import AUTH, SEED, post_customer, psycopg_connect, started_app
 
 from customers_service import database, storage
+from customers_service.backends import shared
 
 EVENT_KEYS = ["id", "sequence", "webhook_type", "object_type", "created_at", "customer"]
 API_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -364,7 +365,7 @@ def test_prune_events_removes_them_all_however_many(app, client, runner, backend
         now = storage.utc_now()
         for start in range(0, 12_000, 4000):
             rows = [
-                storage.upsert_params({"customer_id": f"many{i}", "name": "M"}, now)
+                shared.upsert_params({"customer_id": f"many{i}", "name": "M"}, now)
                 for i in range(start, start + 4000)
             ]
             store.import_batch(rows)

@@ -10,6 +10,11 @@ import pytest
 import requests
 from conftest import AUTH, answers_of_both_backends, post_customer, walk_pages_while_inserting
 
+from customers_service.backends import shared
+from customers_service.backends.sqlite import connections as sqlite_connections
+from customers_service.backends.sqlite import customers as sqlite_customers
+from customers_service.backends.sqlite import schema as sqlite_schema
+
 # name, legal_name, email, country, state, zipcode, metadata: each row chosen so that every
 # filter below selects a known, small set.
 PEOPLE = {
@@ -422,13 +427,13 @@ def test_sqlites_two_ways_to_a_page_and_its_counts_agree(tmp_path, db_path):
     """SQLite reads a page through the filters' indexes or by walking the sort's index, and
     counts a lone search term or metadata pair in its own index: each way, the same answer."""
     from customers_service import storage
-    from customers_service.list_query import Filters
+    from customers_service.storage import Filters
 
-    conn = storage.connect(str(db_path), create=True)
-    storage.migrate(conn)
+    conn = sqlite_connections.connect(str(db_path), create=True)
+    sqlite_schema.migrate(conn)
     with conn:
-        storage.upsert_batch(
-            conn, [storage.upsert_params(p, "2022-01-01T00:00:00Z") for p in random_people(300)]
+        sqlite_customers.upsert_batch(
+            conn, [shared.upsert_params(p, "2022-01-01T00:00:00Z") for p in random_people(300)]
         )
     cases = [
         Filters(search=storage.fold("école")),
@@ -442,16 +447,16 @@ def test_sqlites_two_ways_to_a_page_and_its_counts_agree(tmp_path, db_path):
     for filters in cases:
         orders = []
         for walk in (False, True):
-            where, params = storage.filter_sql(filters, walk=walk)
-            order = storage.order_sql(filters)
+            where, params = sqlite_customers.filter_sql(filters, walk=walk)
+            order = sqlite_customers.order_sql(filters)
             query = f"SELECT customer_id FROM customers WHERE {where} ORDER BY {order}"
             orders.append([row[0] for row in conn.execute(query, params)])
         assert orders[0] == orders[1], filters
         assert 0 < len(orders[0]) < 300, filters
-        assert storage.count_selected(conn, filters) == len(orders[0]), filters
-        everyone = storage.count_customers(conn)
+        assert sqlite_customers.count_selected(conn, filters) == len(orders[0]), filters
+        everyone = sqlite_customers.count_customers(conn)
         for offset in (0, 7, len(orders[0]) - 1):
-            sql, params = storage.page_query(filters, offset, 5, len(orders[0]), everyone)
+            sql, params = sqlite_customers.page_query(filters, offset, 5, len(orders[0]), everyone)
             page = [row["customer_id"] for row in conn.execute(sql, params)]
             assert page == orders[0][offset : offset + 5], filters
     conn.close()

@@ -23,7 +23,7 @@ from conftest import (
 )
 from test_events import run_writers_and_a_consumer
 
-from customers_service import storage_postgres
+from customers_service.backends.postgres import schema as pg_schema
 
 HOSTS = 3
 
@@ -151,7 +151,7 @@ def deployment(network, cluster, tmp_path):
 
 def test_three_hosts_started_together_apply_each_migration_step_once(deployment):
     versions = deployment.backend.fetch("SELECT version FROM schema_migrations ORDER BY 1")
-    assert versions == [(n,) for n in range(1, len(storage_postgres.MIGRATIONS) + 1)]
+    assert versions == [(n,) for n in range(1, len(pg_schema.MIGRATIONS) + 1)]
     for gunicorn in deployment.gunicorns:
         assert "Traceback" not in gunicorn.log()
         assert requests.get(gunicorn.url + "/health", timeout=10).status_code == 200

@@ -27,10 +27,12 @@ from conftest import (
     started_app,
 )
 
-from customers_service import database, storage_postgres
+from customers_service import database
 from customers_service.app import create_app
-from customers_service.list_query import Filters
-from customers_service.storage import fold
+from customers_service.backends.postgres import connections as pg_connections
+from customers_service.backends.postgres import customers as pg_customers
+from customers_service.backends.postgres import schema as pg_schema
+from customers_service.storage import Filters, fold
 
 
 def flask_command(env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -68,32 +70,32 @@ def test_three_hosts_starting_together_apply_each_migration_once(postgres):
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'customers'::regclass "
             "AND NOT tgisinternal"
         ).fetchone()[0]
-    assert sorted(versions) == list(range(1, len(storage_postgres.MIGRATIONS) + 1))
+    assert sorted(versions) == list(range(1, len(pg_schema.MIGRATIONS) + 1))
     assert triggers == 2  # the counter's and the events', each created once
     postgres.drop_database(name)
 
 
 def test_a_database_of_the_first_version_is_migrated_with_its_data(postgres):
     name = postgres.new_database(migrated=False)
-    conn = storage_postgres.connect(postgres.url(name))
+    conn = pg_connections.connect(postgres.url(name))
     try:
         with conn.transaction():  # as the first PostgreSQL version of this service left it
-            conn.execute(storage_postgres.CREATE_MIGRATIONS_TABLE)
-            for statement in storage_postgres.MIGRATIONS[0]:
+            conn.execute(pg_schema.CREATE_MIGRATIONS_TABLE)
+            for statement in pg_schema.MIGRATIONS[0]:
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations (version) VALUES (1)")
         conn.execute(
             "INSERT INTO customers (lago_id, customer_id, name, email, created_at, updated_at) "
             "VALUES (gen_random_uuid(), 'ÉCOLE-2', 'Straße', 'Ö@X.EXAMPLE', now(), now())"
         )
-        assert storage_postgres.migrate(conn) == len(storage_postgres.MIGRATIONS)
-        assert storage_postgres.get_customer(conn, "ÉCOLE-2")["metadata"] == {}
+        assert pg_schema.migrate(conn) == len(pg_schema.MIGRATIONS)
+        assert pg_customers.get_customer(conn, "ÉCOLE-2")["metadata"] == {}
         for filters in (
             Filters(search=fold("école")),
             Filters(search=fold("STRASSE")),
             Filters(email=fold("ö@x.example")),
         ):
-            customers, total = storage_postgres.list_customers(conn, 1, 20, filters)
+            customers, total = pg_customers.list_customers(conn, 1, 20, filters)
             assert [c["customer_id"] for c in customers] == ["ÉCOLE-2"] and total == 1
     finally:
         conn.close()
@@ -103,7 +105,7 @@ def test_a_database_of_the_first_version_is_migrated_with_its_data(postgres):
 def test_service_sessions_commit_synchronously_whatever_the_database_default(postgres):
     name = postgres.new_database()
     postgres.admin(f"ALTER DATABASE {name} SET synchronous_commit = off")
-    connections = storage_postgres.Connections(postgres.url(name), 2, 5.0, 5.0)
+    connections = pg_connections.Connections(postgres.url(name), 2, 5.0, 5.0)
     conn = connections.acquire()
     try:
         assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == "on"
@@ -299,8 +301,8 @@ def test_postgres_stopped_is_503_unavailable_and_the_service_recovers_by_itself(
 
 
 def test_passwords_are_hidden_wherever_the_url_holds_them():
-    assert storage_postgres.safe_url("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
-    hidden = storage_postgres.safe_url("postgresql://u@h/d?password=pw&sslpassword=k&sslmode=on")
+    assert pg_connections.safe_url("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    hidden = pg_connections.safe_url("postgresql://u@h/d?password=pw&sslpassword=k&sslmode=on")
     assert hidden == "postgresql://u@h/d?password=***&sslpassword=***&sslmode=on"
 
 

@@ -1,13 +1,14 @@
-"""PostgreSQL storage of events and webhook deliveries: the same functions as event_storage.py
-(SQLite). Events are written at commit by a deferred trigger (storage_postgres.MIGRATIONS),
+"""PostgreSQL's events and webhook deliveries, the counterparts of backends/sqlite/events.py.
+Events are written at commit by a deferred trigger (schema.MIGRATIONS),
 which holds the events gate shared from taking its sequence number until its commit is visible;
 the feed and pruning read only up to events_horizon(), the last number taken when no writer
 held the gate, so they never hand out a number below one a later commit could still bring."""
 
 import psycopg
 
-from customers_service.event_storage import EventsExpired
-from customers_service.storage_postgres import EVENTS_GATE
+from customers_service.backends.postgres.schema import EVENTS_GATE
+from customers_service.backends.shared import endpoint_status, prune_oldest
+from customers_service.storage import EventsExpired
 
 EVENT_COLUMNS = "e.sequence, e.id::text AS id, e.webhook_type, e.created_at, e.customer"
 
@@ -30,8 +31,6 @@ PRUNE = (
     "DELETE FROM events WHERE sequence <= %(up_to)s",
     "UPDATE events_pruned SET up_to = greatest(up_to, %(up_to)s)",
 )
-PRUNE_BATCH = 1000
-PRUNE_BATCHES = 10  # at most, per call: the deliverer's loop goes on between calls
 # remove-webhook takes the events gate exclusively before its deletes: a change that is
 # committing has read the endpoints under the gate (customers_event), so its delivery rows are
 # committed before the removal deletes, and any later change no longer sees the endpoint.
@@ -93,13 +92,6 @@ WHERE endpoint = %(endpoint)s AND event = %(event)s AND lease_owner = %(owner)s
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = %s
 """
-STATUS = """
-SELECT w.id, w.url, w.created_at, w.last_error, w.last_error_at,
-    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND NOT d.failed)
-        AS backlog,
-    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND d.failed) AS failed
-FROM webhook_endpoints w ORDER BY w.created_at, w.id
-"""
 FAILED_EVENTS = """
 SELECT event FROM webhook_deliveries WHERE endpoint = %s AND failed ORDER BY event LIMIT %s
 """
@@ -124,8 +116,7 @@ def event_row(row: dict) -> dict:
 
 
 def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[dict], bool]:
-    """Up to ``limit`` events after ``after``, in commit order, and whether more follow; raise
-    EventsExpired if an event after ``after`` (not 0) was pruned."""
+    """Backend.events_page: the pruned mark and the page in one statement, up to the horizon."""
     # No horizon now: read nothing new (after itself), which is always safe.
     params = {"after": after, "horizon": horizon(conn) or after, "limit": limit + 1}
     rows = conn.execute(SELECT_EVENTS, params).fetchall()
@@ -136,39 +127,35 @@ def events_page(conn: psycopg.Connection, after: int, limit: int) -> tuple[list[
 
 
 def prune_events(conn: psycopg.Connection, recorded_before: float) -> int:
-    """Remove the oldest events recorded before that Unix time (and their deliveries), as one
-    run of sequences from the oldest, never past the horizon; return how many."""
-    removed, last = 0, horizon(conn)
+    """Backend.prune_events, never past the horizon; each batch one transaction."""
+    last = horizon(conn)
     if last is None:
         return 0  # the gate is busy: prune next time
-    for _ in range(PRUNE_BATCHES):
-        rows = conn.execute(OLDEST_EVENTS, (last, PRUNE_BATCH)).fetchall()
-        prefix = next(
-            (i for i, row in enumerate(rows) if row["recorded_at"] >= recorded_before), len(rows)
-        )
-        if prefix == 0:
-            return removed
+
+    def oldest(count: int) -> list[tuple[int, float]]:
+        rows = conn.execute(OLDEST_EVENTS, (last, count)).fetchall()
+        return [(row["sequence"], row["recorded_at"]) for row in rows]
+
+    def remove_up_to(sequence: int) -> None:
         with conn.transaction():
             for statement in PRUNE:
-                conn.execute(statement, {"up_to": rows[prefix - 1]["sequence"]})
-        removed += prefix
-        if prefix < PRUNE_BATCH:
-            break
-    return removed
+                conn.execute(statement, {"up_to": sequence})
+
+    return prune_oldest(oldest, remove_up_to, recorded_before)
 
 
 def add_webhook(conn: psycopg.Connection, endpoint: dict) -> None:
-    """Register an endpoint (id, url, secret, created_at)."""
+    """Backend.add_webhook."""
     conn.execute(INSERT_ENDPOINT, endpoint)
 
 
 def list_webhooks(conn: psycopg.Connection) -> list[dict]:
-    """Every endpoint, without its secret, oldest first."""
+    """Backend.list_webhooks."""
     return conn.execute(SELECT_ENDPOINTS).fetchall()
 
 
 def remove_webhook(conn: psycopg.Connection, endpoint_id: str) -> bool:
-    """Remove an endpoint and what was queued for it; False if there is none."""
+    """Backend.remove_webhook, holding the events gate exclusively (EXCLUSIVE_GATE)."""
     with conn.transaction():
         conn.execute(EXCLUSIVE_GATE, (EVENTS_GATE,))
         if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
@@ -186,8 +173,7 @@ def claim_deliveries(
     limit: int,
     excluded: list[str] = (),
 ) -> list[dict]:
-    """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
-    each with its endpoint's url and secret, its tries so far and its event."""
+    """Backend.claim_deliveries: one statement, skipping rows another deliverer is leasing."""
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
     params["excluded"] = list(excluded)
     rows = conn.execute(CLAIM, params).fetchall()
@@ -202,7 +188,7 @@ def claim_deliveries(
 
 
 def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]) -> None:
-    """Record what became of leased deliveries (see event_storage.finish_deliveries)."""
+    """Backend.finish_deliveries: in one transaction."""
     with conn.transaction(), conn.cursor() as cursor:
         for outcome in outcomes:
             params = {**outcome, "owner": owner}
@@ -216,35 +202,30 @@ def finish_deliveries(conn: psycopg.Connection, owner: str, outcomes: list[dict]
 def renew_leases(
     conn: psycopg.Connection, owner: str, lease_until: float, deliveries: list[dict]
 ) -> None:
-    """Extend ``owner``'s leases of these deliveries (endpoint, event) to ``lease_until``."""
+    """Backend.renew_leases."""
     params = [{**d, "owner": owner, "lease_until": lease_until} for d in deliveries]
     with conn.transaction(), conn.cursor() as cursor:
         cursor.executemany(RENEW, params)
 
 
 def release_some(conn: psycopg.Connection, owner: str, deliveries: list[dict]) -> None:
-    """Give back these leased deliveries (endpoint, event), unsent."""
+    """Backend.release_some."""
     with conn.transaction(), conn.cursor() as cursor:
         cursor.executemany(RELEASE_ONE, [{**d, "owner": owner} for d in deliveries])
 
 
 def release_deliveries(conn: psycopg.Connection, owner: str) -> None:
-    """Give back every delivery ``owner`` leased and did not finish."""
+    """Backend.release_deliveries."""
     conn.execute(RELEASE, (owner,))
 
 
-def webhook_status(conn: psycopg.Connection, failed_shown: int) -> list[dict]:
-    """Each endpoint's backlog, failed count, last error and first failed events."""
-    status = []
-    for endpoint in conn.execute(STATUS).fetchall():
-        events = conn.execute(FAILED_EVENTS, (endpoint["id"], failed_shown)).fetchall()
-        endpoint["failed_events"] = [row["event"] for row in events]
-        status.append(endpoint)
-    return status
+def webhook_status(conn: psycopg.Connection, failed_shown: int = 100) -> list[dict]:
+    """Backend.webhook_status."""
+    return endpoint_status(conn, FAILED_EVENTS, failed_shown)
 
 
 def retry_failed(conn: psycopg.Connection, endpoint_id: str) -> int | None:
-    """Queue the endpoint's failed deliveries again; how many, or None if no such endpoint."""
+    """Backend.retry_failed: in one transaction, the endpoint's row locked."""
     with conn.transaction():
         if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
             return None

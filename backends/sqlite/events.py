@@ -1,12 +1,14 @@
-"""SQLite storage of events and webhook deliveries: the feed's page, pruning, the endpoints and
-the deliveries' queue. The events themselves are written by triggers (storage.MIGRATIONS), in
-the transaction of the change; SQLite has one writer at a time, so sequence numbers are taken in
-commit order."""
+"""SQLite's events and webhook deliveries: the feed's page, pruning, the endpoints and the
+deliveries' queue. The events themselves are written by triggers (schema.MIGRATIONS), in the
+transaction of the change; SQLite has one writer at a time, so sequence numbers are taken in
+commit order. backends/postgres/events.py holds the PostgreSQL counterparts."""
 
 import json
 import sqlite3
 
-from customers_service.storage import write
+from customers_service.backends.shared import endpoint_status, prune_oldest
+from customers_service.backends.sqlite.connections import write
+from customers_service.storage import EventsExpired
 
 EVENT_COLUMNS = "sequence, id, webhook_type, created_at, customer"
 
@@ -20,8 +22,6 @@ PRUNE = (
     "DELETE FROM events WHERE sequence <= :up_to",
     "UPDATE events_pruned SET up_to = max(up_to, :up_to)",
 )
-PRUNE_BATCH = 1000
-PRUNE_BATCHES = 10  # at most, per call: the deliverer's loop goes on between calls
 
 INSERT_ENDPOINT = """
 INSERT INTO webhook_endpoints (id, url, secret, created_at) VALUES (?, ?, ?, ?)
@@ -80,13 +80,6 @@ WHERE endpoint = :endpoint AND event = :event AND lease_owner = :owner
 RELEASE = """
 UPDATE webhook_deliveries SET leased_until = 0, lease_owner = NULL WHERE lease_owner = ?
 """
-STATUS = """
-SELECT w.id, w.url, w.created_at, w.last_error, w.last_error_at,
-    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND NOT d.failed)
-        AS backlog,
-    (SELECT count(*) FROM webhook_deliveries d WHERE d.endpoint = w.id AND d.failed) AS failed
-FROM webhook_endpoints w ORDER BY w.created_at, w.id
-"""
 FAILED_EVENTS = """
 SELECT event FROM webhook_deliveries WHERE endpoint = ? AND failed ORDER BY event LIMIT ?
 """
@@ -98,10 +91,6 @@ WHERE endpoint = ? AND failed
 """
 
 
-class EventsExpired(Exception):
-    """Events after the consumer's position were pruned: it must start again."""
-
-
 def event_row(row) -> dict:
     """A stored event as a dict, its customer parsed."""
     event = dict(zip(EVENT_COLUMNS.split(", "), row, strict=True))
@@ -110,8 +99,8 @@ def event_row(row) -> dict:
 
 
 def events_page(conn: sqlite3.Connection, after: int, limit: int) -> tuple[list[dict], bool]:
-    """Up to ``limit`` events after ``after``, oldest first, and whether more follow; raise
-    EventsExpired if an event after ``after`` (not 0) was pruned."""
+    """Backend.events_page: the pruned mark and the page from one read transaction, handed out
+    once on disk (on_disk)."""
     with conn:
         conn.execute("BEGIN")  # one snapshot for the pruned mark and the page
         pruned = conn.execute(SELECT_PRUNED).fetchone()[0]
@@ -125,7 +114,7 @@ def events_page(conn: sqlite3.Connection, after: int, limit: int) -> tuple[list[
 
 def on_disk(conn: sqlite3.Connection) -> None:
     """With FULL, return once every commit this connection has seen is on disk. A commit is
-    visible before its writer's fsync (storage.write): an event handed out, then lost to a power
+    visible before its writer's fsync (connections.write): an event handed out, then lost to a power
     cut, would have its number taken again by another change."""
     durability = getattr(conn, "durability", None)
     if durability is not None:
@@ -133,37 +122,33 @@ def on_disk(conn: sqlite3.Connection) -> None:
 
 
 def prune_events(conn: sqlite3.Connection, recorded_before: float) -> int:
-    """Remove the oldest events recorded before that Unix time (and their deliveries), as one
-    run of sequences from the oldest, up to PRUNE_BATCHES batches; return how many."""
-    removed = 0
-    for _ in range(PRUNE_BATCHES):
-        rows = conn.execute(OLDEST_EVENTS, (PRUNE_BATCH,)).fetchall()
-        prefix = next((i for i, (_, at) in enumerate(rows) if at >= recorded_before), len(rows))
-        if prefix == 0:
-            return removed
+    """Backend.prune_events: each batch one write transaction."""
+
+    def oldest(count: int) -> list:
+        return conn.execute(OLDEST_EVENTS, (count,)).fetchall()
+
+    def remove_up_to(sequence: int) -> None:
         with write(conn):
             conn.execute("BEGIN IMMEDIATE")
             for statement in PRUNE:
-                conn.execute(statement, {"up_to": rows[prefix - 1][0]})
-        removed += prefix
-        if prefix < PRUNE_BATCH:
-            break
-    return removed
+                conn.execute(statement, {"up_to": sequence})
+
+    return prune_oldest(oldest, remove_up_to, recorded_before)
 
 
 def add_webhook(conn: sqlite3.Connection, endpoint: dict) -> None:
-    """Register an endpoint (id, url, secret, created_at)."""
+    """Backend.add_webhook."""
     with write(conn):
         conn.execute(INSERT_ENDPOINT, tuple(endpoint.values()))
 
 
 def list_webhooks(conn: sqlite3.Connection) -> list[dict]:
-    """Every endpoint, without its secret, oldest first."""
+    """Backend.list_webhooks."""
     return [dict(row) for row in conn.execute(SELECT_ENDPOINTS)]
 
 
 def remove_webhook(conn: sqlite3.Connection, endpoint_id: str) -> bool:
-    """Remove an endpoint and what was queued for it; False if there is none."""
+    """Backend.remove_webhook: in one write transaction."""
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:
@@ -181,9 +166,8 @@ def claim_deliveries(
     limit: int,
     excluded: list[str] = (),
 ) -> list[dict]:
-    """Lease up to ``limit`` deliveries that are due, to ``owner`` until ``lease_until``; return
-    each with its endpoint's url and secret, its tries so far and its event. With FULL, write()
-    returns once the lease is on disk, and with it every change it read (see on_disk)."""
+    """Backend.claim_deliveries: with FULL, write() returns once the lease is on disk, and with
+    it every change it read (see on_disk)."""
     params = {"owner": owner, "now": now, "lease_until": lease_until, "limit": limit}
     params["excluded"] = json.dumps(list(excluded))
     with write(conn):
@@ -209,8 +193,7 @@ def claim_deliveries(
 
 
 def finish_deliveries(conn: sqlite3.Connection, owner: str, outcomes: list[dict]) -> None:
-    """Record what became of leased deliveries: each outcome has endpoint and event, and, when
-    not delivered, attempts, first_try, next_try, failed (given up), error and error_at."""
+    """Backend.finish_deliveries: in one write transaction."""
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
         for outcome in outcomes:
@@ -225,37 +208,31 @@ def finish_deliveries(conn: sqlite3.Connection, owner: str, outcomes: list[dict]
 def renew_leases(
     conn: sqlite3.Connection, owner: str, lease_until: float, deliveries: list[dict]
 ) -> None:
-    """Extend ``owner``'s leases of these deliveries (endpoint, event) to ``lease_until``."""
+    """Backend.renew_leases."""
     params = [{**d, "owner": owner, "lease_until": lease_until} for d in deliveries]
     with write(conn):
         conn.executemany(RENEW, params)
 
 
 def release_some(conn: sqlite3.Connection, owner: str, deliveries: list[dict]) -> None:
-    """Give back these leased deliveries (endpoint, event), unsent."""
+    """Backend.release_some."""
     with write(conn):
         conn.executemany(RELEASE_ONE, [{**d, "owner": owner} for d in deliveries])
 
 
 def release_deliveries(conn: sqlite3.Connection, owner: str) -> None:
-    """Give back every delivery ``owner`` leased and did not finish."""
+    """Backend.release_deliveries."""
     with write(conn):
         conn.execute(RELEASE, (owner,))
 
 
-def webhook_status(conn: sqlite3.Connection, failed_shown: int) -> list[dict]:
-    """Each endpoint's backlog, failed count, last error and first failed events."""
-    status = []
-    for row in conn.execute(STATUS).fetchall():
-        endpoint = dict(row)
-        events = conn.execute(FAILED_EVENTS, (endpoint["id"], failed_shown)).fetchall()
-        endpoint["failed_events"] = [event for (event,) in events]
-        status.append(endpoint)
-    return status
+def webhook_status(conn: sqlite3.Connection, failed_shown: int = 100) -> list[dict]:
+    """Backend.webhook_status."""
+    return endpoint_status(conn, FAILED_EVENTS, failed_shown)
 
 
 def retry_failed(conn: sqlite3.Connection, endpoint_id: str) -> int | None:
-    """Queue the endpoint's failed deliveries again; how many, or None if no such endpoint."""
+    """Backend.retry_failed: in one write transaction."""
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute(ENDPOINT_EXISTS, (endpoint_id,)).fetchone() is None:

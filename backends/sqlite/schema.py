@@ -1,0 +1,215 @@
+"""SQLite's schema: the ordered migrations (tables, indexes and the triggers that keep the
+counter, the metadata pairs, the search index and the events), and how they are applied.
+backends/postgres/schema.py is the same schema in PostgreSQL's terms."""
+
+import sqlite3
+
+from customers_service.backends.shared import FOLDED
+from customers_service.storage import COLUMNS, SEARCHED, fold
+
+
+def event_trigger(operation: str, kind: str, row: str) -> str:
+    """The trigger that records the event of one kind of change, in the change's transaction,
+    and queues it for every webhook endpoint registered now."""
+    customer = ", ".join(
+        f"'{c}', json({row}.{c})" if c == "metadata" else f"'{c}', {row}.{c}" for c in COLUMNS
+    )
+    changed_at = "new.updated_at" if row == "new" else "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
+    return f"""CREATE TRIGGER customers_event_{kind.split(".")[1]} AFTER {operation} ON customers
+       BEGIN
+           INSERT INTO events (id, webhook_type, created_at, recorded_at, customer)
+           VALUES ({RANDOM_UUID}, '{kind}', {changed_at}, {UNIX_NOW}, json_object({customer}));
+           INSERT INTO webhook_deliveries (endpoint, event, customer_id)
+           SELECT id, last_insert_rowid(), {row}.customer_id FROM webhook_endpoints;
+       END"""
+
+
+# A version 4 UUID, made by SQLite itself so that any writer records events the same way.
+RANDOM_UUID = """lower(printf('%s-%s-4%s-%s%s-%s',
+    hex(randomblob(4)), hex(randomblob(2)), substr(hex(randomblob(2)), 2),
+    substr('89ab', 1 + (abs(random()) % 4), 1), substr(hex(randomblob(2)), 2),
+    hex(randomblob(6))))"""
+UNIX_NOW = "(julianday('now') - 2440587.5) * 86400.0"
+
+
+# Each step runs once, in order, in its own transaction; PRAGMA user_version counts the steps
+# done. Append new steps; never edit or reorder a released one.
+MIGRATIONS = (
+    (
+        """CREATE TABLE customers (
+            id INTEGER PRIMARY KEY,
+            lago_id TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            country TEXT, address_line1 TEXT, address_line2 TEXT, state TEXT, zipcode TEXT,
+            email TEXT, city TEXT, url TEXT, phone TEXT, logo_url TEXT,
+            legal_name TEXT, legal_number TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX customers_newest_first ON customers (created_at DESC, id DESC)",
+        # The list's total is read on every page; counting a large table each time is too slow.
+        "CREATE TABLE customer_count (n INTEGER NOT NULL)",
+        "INSERT INTO customer_count (n) VALUES (0)",
+        """CREATE TRIGGER customers_counted_in AFTER INSERT ON customers
+           BEGIN UPDATE customer_count SET n = n + 1; END""",
+        """CREATE TRIGGER customers_counted_out AFTER DELETE ON customers
+           BEGIN UPDATE customer_count SET n = n - 1; END""",
+    ),
+    (
+        # /health writes here: a disk that is full or read-only fails a write, not a read.
+        "CREATE TABLE health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT)",
+        "INSERT INTO health_probe (id, checked_at) VALUES (1, NULL)",
+    ),
+    (
+        # Metadata and the list's filters (issue 11).
+        "ALTER TABLE customers ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}'",
+        *(f"ALTER TABLE customers ADD COLUMN {column} TEXT" for column in FOLDED),
+        lambda conn: fold_existing(conn),
+        "CREATE INDEX customers_recently_updated ON customers (updated_at DESC, id DESC)",
+        "CREATE INDEX customers_by_country ON customers (country, created_at DESC, id DESC)",
+        "CREATE INDEX customers_by_state ON customers (state)",
+        "CREATE INDEX customers_by_zipcode ON customers (zipcode)",
+        "CREATE INDEX customers_by_email ON customers (folded_email)",
+        # The merged metadata holds at most 50 keys; the API checks what it can see before
+        # writing, this checks the merge, inside the write.
+        """CREATE TRIGGER customers_metadata_limit BEFORE UPDATE OF metadata ON customers
+           WHEN new.metadata IS NOT old.metadata
+                AND (SELECT count(*) FROM json_each(new.metadata)) > 50
+           BEGIN SELECT RAISE(ABORT, 'too_many_metadata_keys'); END""",
+        # metadata[KEY]=VALUE finds customers through this table of pairs, kept by triggers.
+        """CREATE TABLE customer_metadata (
+            customer INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (customer, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX customer_metadata_pairs ON customer_metadata (key, value)",
+        """CREATE TRIGGER customers_metadata_in AFTER INSERT ON customers
+           WHEN new.metadata <> '{}'
+           BEGIN
+               INSERT INTO customer_metadata SELECT new.id, key, value FROM json_each(new.metadata);
+           END""",
+        """CREATE TRIGGER customers_metadata_changed AFTER UPDATE OF metadata ON customers
+           WHEN new.metadata IS NOT old.metadata
+           BEGIN
+               DELETE FROM customer_metadata WHERE customer = old.id;
+               INSERT INTO customer_metadata SELECT new.id, key, value FROM json_each(new.metadata);
+           END""",
+        """CREATE TRIGGER customers_metadata_out AFTER DELETE ON customers
+           WHEN old.metadata <> '{}'
+           BEGIN DELETE FROM customer_metadata WHERE customer = old.id; END""",
+        # search_term: a trigram index of the folded fields (FTS5 reads them from customers).
+        f"""CREATE VIRTUAL TABLE customer_search USING fts5(
+            {", ".join(FOLDED)},
+            content='customers', content_rowid='id', tokenize='trigram case_sensitive 1'
+        )""",
+        f"""CREATE TRIGGER customers_search_in AFTER INSERT ON customers
+           BEGIN
+               INSERT INTO customer_search (rowid, {", ".join(FOLDED)})
+               VALUES (new.id, {", ".join(f"new.{c}" for c in FOLDED)});
+           END""",
+        f"""CREATE TRIGGER customers_search_changed
+           AFTER UPDATE OF {", ".join(FOLDED[1:])} ON customers
+           WHEN {" OR ".join(f"new.{c} IS NOT old.{c}" for c in FOLDED[1:])}
+           BEGIN
+               INSERT INTO customer_search (customer_search, rowid, {", ".join(FOLDED)})
+               VALUES ('delete', old.id, {", ".join(f"old.{c}" for c in FOLDED)});
+               INSERT INTO customer_search (rowid, {", ".join(FOLDED)})
+               VALUES (new.id, {", ".join(f"new.{c}" for c in FOLDED)});
+           END""",
+        f"""CREATE TRIGGER customers_search_out AFTER DELETE ON customers
+           BEGIN
+               INSERT INTO customer_search (customer_search, rowid, {", ".join(FOLDED)})
+               VALUES ('delete', old.id, {", ".join(f"old.{c}" for c in FOLDED)});
+           END""",
+        "INSERT INTO customer_search (customer_search) VALUES ('rebuild')",
+    ),
+    (
+        # Events and webhooks (issue 12): see events.py for how they are read.
+        # AUTOINCREMENT: a sequence is never reused, even after the newest events are pruned.
+        """CREATE TABLE events (
+            sequence INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL,
+            webhook_type TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            recorded_at REAL NOT NULL,
+            customer TEXT NOT NULL
+        )""",
+        # The largest sequence pruned: the feed answers 410 to a consumer behind it.
+        "CREATE TABLE events_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), up_to INTEGER)",
+        "INSERT INTO events_pruned (id, up_to) VALUES (1, 0)",
+        """CREATE TABLE webhook_endpoints (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            last_error TEXT,
+            last_error_at TEXT
+        )""",
+        # One row per event and endpoint until it is delivered (then deleted) or given up
+        # (failed = 1). Times are Unix seconds. Two B-trees only, since every change writes a
+        # row per endpoint: the key, in event order (the deliverer's walk, pruning), and the
+        # per-customer index (the order rule; an endpoint's rows: status, retry, removal).
+        """CREATE TABLE webhook_deliveries (
+            endpoint TEXT NOT NULL,
+            event INTEGER NOT NULL,
+            customer_id TEXT NOT NULL,
+            failed INTEGER NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            first_try REAL,
+            next_try REAL NOT NULL DEFAULT 0,
+            leased_until REAL NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            last_error TEXT,
+            PRIMARY KEY (event, endpoint)
+        ) WITHOUT ROWID""",
+        """CREATE INDEX webhook_deliveries_per_customer
+           ON webhook_deliveries (endpoint, customer_id, event)""",
+        *(
+            event_trigger(operation, kind, row)
+            for operation, kind, row in (
+                ("INSERT", "customer.created", "new"),
+                ("UPDATE", "customer.updated", "new"),
+                ("DELETE", "customer.deleted", "old"),
+            )
+        ),
+    ),
+    (
+        # Cheaper writes of the search index: FTS5 merges its segments when 8 of a level gather
+        # (4 by default) and writes smaller pages; searches cost about the same (bench/README.md).
+        "INSERT INTO customer_search (customer_search, rank) VALUES ('automerge', 8)",
+        "INSERT INTO customer_search (customer_search, rank) VALUES ('pgsz', 2000)",
+    ),
+)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration step not yet applied; return the schema version."""
+    version = schema_version(conn)
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have applied this step while we waited for the lock.
+            if schema_version(conn) >= number:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in step:
+                statement(conn) if callable(statement) else conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """How many migration steps the database has had."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def fold_existing(conn: sqlite3.Connection) -> None:
+    """Fill the folded columns of the customers stored before they existed (a migration)."""
+    conn.create_function("fold", 1, fold, deterministic=True)
+    conn.execute(f"UPDATE customers SET {', '.join(f'folded_{f} = fold({f})' for f in SEARCHED)}")
