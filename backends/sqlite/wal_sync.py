@@ -7,7 +7,7 @@ import os
 import struct
 import time
 
-LOCK_PATIENCE = 0.01  # seconds: some 20 fsyncs of this machine's disk
+LOCK_PATIENCE = 0.01  # seconds: a few fsyncs long, so only a stuck holder makes us fsync alone
 
 
 class WalSync:
