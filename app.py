@@ -71,7 +71,7 @@ def _on_register(state) -> None:
 
 # The hooks read Flask's request, g and app once each, then use the objects themselves: every
 # attribute read through a proxy looks the context up, and first fails a plain attribute look-up
-# (Python formats an AttributeError message for it), about 5,000 instructions each.
+# (Python formats an AttributeError message for it).
 
 
 def assign_request_id() -> None:

@@ -5,13 +5,13 @@ in-process.
     .venv/bin/python bench/cost.py [--backends sqlite postgres] [--warm-up 300] [--requests 500]
     .venv/bin/python bench/cost.py --backends sqlite --config CUSTOMERS_METRICS=false
 
-Instruction counts repeat within a fraction of a percent on a busy machine, where times do not,
-so a change shows its cost exactly. Each phase warms up, then its measured requests run between
-two calls of ``os.getppid()``: callgrind dumps its counts at each call (``--dump-before``), and
-strace's log is cut at them. The apps are called as WSGI callables with environs built before
-the phase, so the harness costs next to nothing. On PostgreSQL the counts are the service's
-process only (the server's work is not in them). SQLite runs with synchronous NORMAL, so its
-WAL fsyncs (FULL's, done beside the lock) do not vary the system calls.
+Instruction counts repeat on a busy machine, where times do not, so a change shows its cost
+exactly. Each phase warms up, then its measured requests run between two calls of
+``os.getppid()``: callgrind dumps its counts at each call (``--dump-before``), and strace's log
+is cut at them. The apps are called as WSGI callables with environs built before the phase, so
+the harness costs next to nothing. On PostgreSQL the counts are the service's process only (the
+server's work is not in them). SQLite runs with synchronous NORMAL, so its WAL fsyncs (FULL's,
+done beside the lock) do not vary the system calls.
 """
 
 import argparse

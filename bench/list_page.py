@@ -25,7 +25,7 @@ KEY = "bench-key"
 
 
 def prefill(path: str, rows: int) -> None:
-    """A database of ``rows`` customers, a few seconds for a million: one transaction, no fsync."""
+    """A database of ``rows`` customers, made in one transaction without fsync."""
     conn = storage.connect(path, create=True)
     storage.migrate(conn)
     conn.execute("PRAGMA synchronous = OFF")

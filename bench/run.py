@@ -1,6 +1,6 @@
 """The benchmark: the service and a bare Flask baseline under wrk, on 127.0.0.1, in one run.
 
-    make bench                      # every scenario, 10 s each (about 10 minutes)
+    make bench                      # every scenario, 10 s each
     .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
     .venv/bin/python bench/run.py --backends postgres --scenarios mix get list
 
