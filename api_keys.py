@@ -1,4 +1,5 @@
-"""API keys: where they come from, the key file, and the constant-time check of a request's key."""
+"""API keys: where they come from, the key file, and the request hook that refuses a request
+without a valid one (keys compared in constant time)."""
 
 import contextlib
 import fcntl
@@ -7,9 +8,10 @@ import hmac
 import os
 import secrets
 
-from flask import Flask, Request
+from flask import Flask, Request, current_app, request
 
 from customers_service.logs import error_log, setup_logging
+from customers_service.responses import ApiError
 from customers_service.settings import flag, setting
 
 # Endpoints anyone may call: the health check, the OpenAPI document and the docs page.
@@ -132,3 +134,14 @@ def bearer_token(req: Request) -> str | None:
     if scheme.lower() != "bearer" or not token:
         return None
     return token
+
+
+def require_api_key() -> None:
+    """Refuse the request with 401 unless it carries a valid key."""
+    req = request._get_current_object()
+    app = current_app._get_current_object()
+    if req.endpoint in PUBLIC_ENDPOINTS or not keys_required(app):
+        return
+    token = bearer_token(req)
+    if token is None or not key_is_valid(token, api_keys(app)):
+        raise ApiError(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})

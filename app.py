@@ -1,20 +1,9 @@
-"""The customers blueprint: its routes, request hooks and error handlers, and the standalone app."""
+"""The customers blueprint: its routes, request hooks and error handlers, and create_app."""
 
 import os
 import time
 
-import click
-from flask import (
-    Blueprint,
-    Flask,
-    Request,
-    Response,
-    current_app,
-    g,
-    has_app_context,
-    request,
-    send_from_directory,
-)
+from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
 from marshmallow import ValidationError
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
@@ -23,12 +12,9 @@ from werkzeug.routing import BaseConverter
 
 from customers_service import database, metrics, openapi
 from customers_service.api_keys import (
-    PUBLIC_ENDPOINTS,
-    api_keys,
-    bearer_token,
     ensure_api_key,
-    key_is_valid,
-    keys_required,
+    key_is_valid,  # noqa: F401 (tests import it from here)
+    require_api_key,
 )
 from customers_service.body import customer_payload
 from customers_service.commands import cli
@@ -50,6 +36,13 @@ from customers_service.responses import (
 )
 from customers_service.schemas import customer_schema
 from customers_service.settings import check_settings, flag, from_environment, setting
+from customers_service.standalone import (
+    CustomersApp,
+    CustomersRequest,  # noqa: F401 (tests import it from here)
+    checkout_instance_path,
+    prepare_or_exit,
+    started_by_flask_run,
+)
 from customers_service.storage import EventsExpired, TooManyMetadataKeys
 
 bp = Blueprint("customers", __name__, cli_group="customers")
@@ -77,7 +70,7 @@ def _on_register(state) -> None:
 
 # The hooks read Flask's request, g and app once each, then use the objects themselves: every
 # attribute read through a proxy looks the context up, and first fails a plain attribute look-up
-# (Python formats an AttributeError message for it), about 5,000 instructions each.
+# (Python formats an AttributeError message for it).
 
 
 def assign_request_id() -> None:
@@ -94,17 +87,6 @@ def assign_request_id() -> None:
     request_globals.request_started = time.perf_counter()
     counted = flag(current_app._get_current_object().config.get("CUSTOMERS_METRICS", True))
     request_globals.request_counted = counted and metrics.request_started()
-
-
-def require_api_key() -> None:
-    """Refuse the request with 401 unless it carries a valid key."""
-    req = request._get_current_object()
-    app = current_app._get_current_object()
-    if req.endpoint in PUBLIC_ENDPOINTS or not keys_required(app):
-        return
-    token = bearer_token(req)
-    if token is None or not key_is_valid(token, api_keys(app)):
-        raise ApiError(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
 def finish_response(response):
@@ -337,43 +319,6 @@ def docs_asset(filename: str):
 # --- the standalone app ----------------------------------------------------------------------
 
 
-class CustomersRequest(Request):
-    """Flask's request, reading MAX_CONTENT_LENGTH from the app itself: Flask's own property
-    reads it through the app's proxy, twice a request."""
-
-    @property
-    def max_content_length(self) -> int | None:
-        """This request's limit if one was set, else the app's MAX_CONTENT_LENGTH, as Flask's."""
-        if self._max_content_length is None and has_app_context():
-            return current_app._get_current_object().config["MAX_CONTENT_LENGTH"]
-        return Request.max_content_length.fget(self)
-
-    @max_content_length.setter
-    def max_content_length(self, value: int | None) -> None:
-        self._max_content_length = value
-
-
-class CustomersApp(Flask):
-    """Flask, remembering which views and hooks are plain functions: Flask asks ``inspect``
-    again for each one at every request."""
-
-    request_class = CustomersRequest
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._synchronous: dict = {}
-
-    def ensure_sync(self, func):
-        """The function itself when it is synchronous, Flask's wrapper when it is a coroutine."""
-        try:
-            return self._synchronous[func]
-        except KeyError:
-            ready = super().ensure_sync(func)
-            if len(self._synchronous) < 1000:  # not every callable made per request
-                self._synchronous[func] = ready
-            return ready
-
-
 def create_app(test_config: dict | None = None) -> Flask:
     """The standalone service: defaults, then CUSTOMERS_* environment variables, then tests'.
 
@@ -407,27 +352,3 @@ def create_app(test_config: dict | None = None) -> Flask:
     if started_by_flask_run():
         prepare_or_exit(app)
     return app
-
-
-def checkout_instance_path() -> str | None:
-    """``instance/`` in the repository when run from a checkout (or an editable install);
-    None, Flask's own choice (``<prefix>/var/...``), when installed (site- or dist-packages)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if {"site-packages", "dist-packages"} & set(here.split(os.sep)):
-        return None
-    return os.path.join(here, "instance")
-
-
-def started_by_flask_run() -> bool:
-    """Whether Flask's development server is loading this app as it starts (one process,
-    no workers: its start is the place to prepare the database)."""
-    context = click.get_current_context(silent=True)
-    return context is not None and context.info_name == "run"
-
-
-def prepare_or_exit(app: Flask) -> None:
-    """Prepare the app's database at a server's start, or stop the start with the reason."""
-    try:
-        database.prepare_database(app)
-    except database.DatabaseNotReady as e:
-        raise SystemExit(f"customers service: {e}") from None

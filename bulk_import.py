@@ -121,7 +121,7 @@ def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]
         if errors is None:
             try:
                 fields = schemas.customer_import_schema.load(raw)
-                # Values only, in UPSERT_PARAMS order: a third of the bytes to send back.
+                # Values only, in UPSERT_PARAMS order: the field names are not sent back.
                 values = tuple(upsert_params(fields, now).values())
                 checked.append((number, None, values, None))
                 continue

@@ -32,7 +32,6 @@ from customers_service.bulk_import import (
 )
 from customers_service.database import (
     DatabaseNotReady,
-    Store,
     backend,
     open_store,
     prepare_database,
@@ -40,7 +39,7 @@ from customers_service.database import (
 )
 from customers_service.deliverer import Deliverer, DelivererSettings
 from customers_service.settings import setting
-from customers_service.storage import utc_now
+from customers_service.storage import Store, utc_now
 from customers_service.webhooks import BadWebhookUrl, RetrySchedule, new_endpoint, unix_now
 
 cli = AppGroup("customers", help="Operate the customers service.")

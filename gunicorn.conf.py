@@ -69,7 +69,8 @@ def on_starting(server) -> None:
         # An earlier run's counts (prometheus_client's docs: wipe the folder before starting).
         for path in glob.glob(os.path.join(folder, "*.db")):
             os.remove(path)
-    from customers_service.app import create_app, prepare_or_exit
+    from customers_service.app import create_app
+    from customers_service.standalone import prepare_or_exit
 
     prepare_or_exit(create_app())
 

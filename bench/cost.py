@@ -5,13 +5,13 @@ in-process.
     .venv/bin/python bench/cost.py [--backends sqlite postgres] [--warm-up 300] [--requests 500]
     .venv/bin/python bench/cost.py --backends sqlite --config CUSTOMERS_METRICS=false
 
-Instruction counts repeat within a fraction of a percent on a busy machine, where times do not,
-so a change shows its cost exactly. Each phase warms up, then its measured requests run between
-two calls of ``os.getppid()``: callgrind dumps its counts at each call (``--dump-before``), and
-strace's log is cut at them. The apps are called as WSGI callables with environs built before
-the phase, so the harness costs next to nothing. On PostgreSQL the counts are the service's
-process only (the server's work is not in them). SQLite runs with synchronous NORMAL, so its
-WAL fsyncs (FULL's, done beside the lock) do not vary the system calls.
+Instruction counts repeat on a busy machine, where times do not, so a change shows its cost
+exactly. Each phase warms up, then its measured requests run between two calls of
+``os.getppid()``: callgrind dumps its counts at each call (``--dump-before``), and strace's log
+is cut at them. The apps are called as WSGI callables with environs built before the phase, so
+the harness costs next to nothing. On PostgreSQL the counts are the service's process only (the
+server's work is not in them). SQLite runs with synchronous NORMAL, so its WAL fsyncs (FULL's,
+done beside the lock) do not vary the system calls.
 """
 
 import argparse
@@ -45,6 +45,10 @@ import contextlib, io, json, os, sys
 sys.path.insert(0, sys.argv[3])
 from bench.echo_app import app as echo
 from customers_service import database, storage
+try:
+    from customers_service.backends.shared import upsert_params
+except ImportError:  # a version from before backends/
+    upsert_params = storage.upsert_params
 from customers_service.app import create_app
 from customers_service.body import parse_json
 from customers_service.responses import json_response
@@ -58,7 +62,7 @@ seed = {"name": "Gavin Belson", "country": "US", "address_line1": "5230 Penfield
         "state": "CA", "zipcode": "91364", "email": "dinesh@piedpiper.test",
         "city": "Woodland Hills", "url": "http://hooli.com", "phone": "1-171-883-3711 x245",
         "legal_name": "Coleman-Blair", "legal_number": "49-008-2965"}
-store.import_batch([storage.upsert_params({**seed, "customer_id": f"old-{i}"}, now)
+store.import_batch([upsert_params({**seed, "customer_id": f"old-{i}"}, now)
                     for i in range(1000)])
 store.close()
 AUTH = "Bearer bench-key"

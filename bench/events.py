@@ -37,6 +37,7 @@ from postgres_cluster import PostgresCluster, free_port  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
+from customers_service.backends import shared  # noqa: E402
 from customers_service.schemas import SEED_EXAMPLE  # noqa: E402
 
 KEY = "bench-key"
@@ -86,7 +87,7 @@ def record_changes(config: dict, count: int, prefix: str) -> None:
     now = storage.utc_now()
     for start in range(0, count, 5000):
         rows = [
-            storage.upsert_params({**SEED, "customer_id": f"{prefix}{i}", "name": f"N {i}"}, now)
+            shared.upsert_params({**SEED, "customer_id": f"{prefix}{i}", "name": f"N {i}"}, now)
             for i in range(start, min(start + 5000, count))
         ]
         store.import_batch(rows)

@@ -28,6 +28,10 @@ from postgres_cluster import PostgresCluster  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
+from customers_service.backends import shared  # noqa: E402
+from customers_service.backends.postgres import connections as pg_connections  # noqa: E402
+from customers_service.backends.sqlite import connections as sqlite_connections  # noqa: E402
+from customers_service.backends.sqlite import customers as sqlite_customers  # noqa: E402
 from customers_service.database import prepare_database  # noqa: E402
 
 KEY = "bench-key"
@@ -90,17 +94,17 @@ def fill_sqlite(path: str, rows: int) -> None:
     """The customers through the service's own upsert, in big transactions, without fsync."""
     app = create_app({"CUSTOMERS_DATABASE": path, "CUSTOMERS_API_KEYS": KEY})
     prepare_database(app)
-    conn = storage.connect(path, synchronous="NORMAL")
+    conn = sqlite_connections.connect(path, synchronous="NORMAL")
     conn.execute("PRAGMA synchronous = OFF")
     batch = []
     for person in people(rows):
-        batch.append(storage.upsert_params(person, person["created_at"]))
+        batch.append(shared.upsert_params(person, person["created_at"]))
         if len(batch) == 50_000:
             with conn:
-                storage.upsert_batch(conn, batch)
+                sqlite_customers.upsert_batch(conn, batch)
             batch = []
     with conn:
-        storage.upsert_batch(conn, batch)
+        sqlite_customers.upsert_batch(conn, batch)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
 
@@ -109,11 +113,10 @@ def fill_postgres(url: str, rows: int) -> None:
     """The customers by COPY (the service's columns, its folded copies made by the same
     function), as a bulk load is done: the secondary indexes dropped before and made again
     after, then VACUUM ANALYZE and a checkpoint."""
-    from customers_service import storage_postgres
 
     app = create_app({"CUSTOMERS_DATABASE_URL": url, "CUSTOMERS_API_KEYS": KEY})
     prepare_database(app)
-    conn = storage_postgres.connect(url, statement_timeout=3600)
+    conn = pg_connections.connect(url, statement_timeout=3600)
     conn.execute("SET maintenance_work_mem = '512MB'")
     indexes = conn.execute(
         "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'customers' "
@@ -123,11 +126,11 @@ def fill_postgres(url: str, rows: int) -> None:
     for index in indexes:
         conn.execute(f"DROP INDEX {index['indexname']}")
     conn.execute("ALTER TABLE customers DISABLE TRIGGER customers_counted")  # counted below
-    columns = storage.INSERTED
+    columns = shared.INSERTED
     with conn.cursor() as cursor:
         with cursor.copy(f"COPY customers ({', '.join(columns)}) FROM STDIN") as copy:
             for person in people(rows):
-                params = storage.upsert_params(person, person["created_at"])
+                params = shared.upsert_params(person, person["created_at"])
                 copy.write_row([params[c] for c in columns])
     conn.execute("UPDATE customer_count SET n = (SELECT count(*) FROM customers) WHERE shard = 0")
     conn.execute("ALTER TABLE customers ENABLE TRIGGER customers_counted")
@@ -172,14 +175,14 @@ def explain(app, query: str) -> str:
             backend = store.backend
             where, params = backend.filter_sql(filters)
             if backend is storage:
-                everyone = storage.count_customers(store.conn)
+                everyone = sqlite_customers.count_customers(store.conn)
                 total = store.conn.execute(
-                    storage.SELECT_FILTERED_COUNT.format(where=where), params
+                    sqlite_customers.SELECT_FILTERED_COUNT.format(where=where), params
                 ).fetchone()[0]
                 lines = []
                 for sql, values in (
-                    (storage.SELECT_FILTERED_COUNT.format(where=where), params),
-                    storage.page_query(filters, 0, 20, total, everyone),
+                    (sqlite_customers.SELECT_FILTERED_COUNT.format(where=where), params),
+                    sqlite_customers.page_query(filters, 0, 20, total, everyone),
                 ):
                     plan = store.conn.execute("EXPLAIN QUERY PLAN " + sql, values).fetchall()
                     lines += [f"    {row[3]}" for row in plan] + ["    --"]

@@ -1,6 +1,6 @@
 """The benchmark: the service and a bare Flask baseline under wrk, on 127.0.0.1, in one run.
 
-    make bench                      # every scenario, 10 s each (about 10 minutes)
+    make bench                      # every scenario, 10 s each
     .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
     .venv/bin/python bench/run.py --backends postgres --scenarios mix get list
 
@@ -31,6 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from list_page import prefill  # noqa: E402
 from postgres_cluster import PostgresCluster  # noqa: E402
+
+from customers_service.backends.postgres import connections as pg_connections
+from customers_service.backends.postgres import schema as pg_schema
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -135,14 +138,13 @@ def template_database(tmp: str, rows: int) -> str:
 
 def postgres_database(cluster: PostgresCluster, rows: int) -> str:
     """A migrated PostgreSQL database like template_database's; returns its URL."""
-    from customers_service import storage_postgres
 
     name = f"bench_{rows}"
     cluster.admin(f"DROP DATABASE IF EXISTS {name}")
     cluster.admin(f"CREATE DATABASE {name}")
     url = cluster.url(name)
-    conn = storage_postgres.connect(url, statement_timeout=600)
-    storage_postgres.migrate(conn)
+    conn = pg_connections.connect(url, statement_timeout=600)
+    pg_schema.migrate(conn)
     conn.execute("ALTER TABLE customers DISABLE TRIGGER customers_counted")  # counted below
     conn.execute(
         "INSERT INTO customers (lago_id, customer_id, name, country, created_at, updated_at) "

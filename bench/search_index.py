@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/search_index.py [--customers 20000] [--rounds 30]
 
-Writes the same customers one by one (storage.upsert_customer, one transaction each, as the API
+Writes the same customers one by one (upsert_customer, one transaction each, as the API
 does; synchronous NORMAL) into two databases that differ only in those options, timing the
 writes, then times page 1 of a search and its count for a rare term, a term in a tenth of the
 customers, a frequent trigram and a customer_id, the databases taking turns. Prints medians.
@@ -21,7 +21,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from customers_service import storage  # noqa: E402
+from customers_service.backends.sqlite import connections as sqlite_connections  # noqa: E402
+from customers_service.backends.sqlite import customers as sqlite_customers  # noqa: E402
+from customers_service.backends.sqlite import schema as sqlite_schema  # noqa: E402
 
 OPTIONS = {"FTS5 defaults": {"automerge": 4, "pgsz": 4050}, "the migration's": {}}
 PAGE = """SELECT id FROM customers
@@ -41,9 +43,9 @@ def filled(folder: str, options: dict, customers: int, vocabulary: list[str]):
     """A migrated database with those FTS5 options, the customers written one by one; the
     connection and the seconds the writes took."""
     path = os.path.join(folder, "customers.sqlite3")
-    conn = storage.connect(path, synchronous="NORMAL", create=True)
-    storage.migrate(conn)
-    with storage.write(conn):
+    conn = sqlite_connections.connect(path, synchronous="NORMAL", create=True)
+    sqlite_schema.migrate(conn)
+    with sqlite_connections.write(conn):
         for name, value in options.items():
             conn.execute(
                 "INSERT INTO customer_search (customer_search, rank) VALUES (?, ?)", (name, value)
@@ -52,7 +54,7 @@ def filled(folder: str, options: dict, customers: int, vocabulary: list[str]):
     started = time.perf_counter()
     for i in range(customers):
         pick = rnd.choice
-        storage.upsert_customer(
+        sqlite_customers.upsert_customer(
             conn,
             {
                 "customer_id": f"cus-{i:07d}",
@@ -88,7 +90,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, conn in conns.items():
                 for term, text in terms.items():
-                    phrase = storage.fts_phrase(text)
+                    phrase = sqlite_customers.fts_phrase(text)
                     started = time.perf_counter()
                     conn.execute(PAGE, (phrase,)).fetchall()
                     conn.execute(COUNT, (phrase,)).fetchone()

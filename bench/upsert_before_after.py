@@ -49,11 +49,15 @@ app = create_app({**config, "CUSTOMERS_API_KEYS": "bench-key"})
 seed = json.loads(sys.argv[2])
 if task == "fill":
     from customers_service import storage
+    try:
+        from customers_service.backends.shared import upsert_params
+    except ImportError:  # a version from before backends/
+        upsert_params = storage.upsert_params
     database.prepare_database(app)
     store = database.open_store(app)
     now = storage.utc_now()
     for start in range(0, count, 5000):
-        rows = [storage.upsert_params({**seed, "customer_id": f"c{i}", "name": f"N {i}"}, now)
+        rows = [upsert_params({**seed, "customer_id": f"c{i}", "name": f"N {i}"}, now)
                 for i in range(start, min(start + 5000, count))]
         store.import_batch(rows)
     store.close()

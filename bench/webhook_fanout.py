@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
+from customers_service.backends import shared  # noqa: E402
 from customers_service.webhooks import new_endpoint  # noqa: E402
 
 KEY = "bench-key"
@@ -32,7 +33,7 @@ def prepared(path: str, endpoints: int) -> None:
     database.prepare_database(app)
     store = database.open_store(app)
     now = storage.utc_now()
-    rows = [storage.upsert_params({"customer_id": f"c{i}", "name": "N"}, now) for i in range(5000)]
+    rows = [shared.upsert_params({"customer_id": f"c{i}", "name": "N"}, now) for i in range(5000)]
     store.import_batch(rows)
     for _ in range(endpoints):
         store.add_webhook(new_endpoint("http://127.0.0.1:9/hook", now))
