@@ -8,7 +8,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import AUTH, answers_of_both_backends, post_customer, walk_pages_while_inserting
+from support.databases import answers_of_both_backends
+from support.load import walk_pages_while_inserting
+from support.service import AUTH, post_customer
 
 # name, legal_name, email, country, state, zipcode, metadata: each row chosen so that every
 # filter below selects a known, small set.

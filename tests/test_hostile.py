@@ -7,9 +7,10 @@ import socket
 from urllib.parse import quote
 
 import pytest
-from conftest import API_KEY, AUTH, SEED, post_customer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.data import SEED
+from support.service import API_KEY, AUTH, post_customer
 
 from customers_service import storage
 from customers_service.schemas import COUNTRY_CODES

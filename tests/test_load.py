@@ -7,7 +7,9 @@ import time
 
 import pytest
 import requests
-from conftest import AUTH, ROOT, SEED, Nginx
+from support.data import SEED
+from support.servers import Nginx
+from support.service import AUTH, ROOT
 
 
 @pytest.fixture

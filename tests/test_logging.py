@@ -8,7 +8,9 @@ import sqlite3
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, SEED, Gunicorn, post_customer
+from support.data import SEED
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, post_customer
 
 PERSONAL = {
     "customer_id": "cus-personal-7",

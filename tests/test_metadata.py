@@ -6,7 +6,8 @@ import threading
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer
+from support.data import SEED
+from support.service import AUTH, post_customer
 
 from customers_service import storage
 

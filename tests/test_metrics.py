@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, Gunicorn, post_customer
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, post_customer
 
 from customers_service import database
 from customers_service.app import bp, create_app

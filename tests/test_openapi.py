@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, SEED
 from flask import Flask
 from openapi_spec_validator import validate
+from support.data import SEED
+from support.service import API_KEY, ROOT
 
 from customers_service import storage
 from customers_service.app import bp

@@ -10,7 +10,9 @@ import venv
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, ROOT, SEED, answers, free_port
+from support.data import SEED
+from support.servers import answers, free_port
+from support.service import API_KEY, AUTH, ROOT
 
 HOST_VENV = ROOT / ".cache" / "host-venv"
 NOT_SHIPPED = shutil.ignore_patterns(

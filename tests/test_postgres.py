@@ -13,19 +13,11 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-from conftest import (
-    API_KEY,
-    AUTH,
-    FLASK,
-    ROOT,
-    SEED,
-    Gunicorn,
-    answers_of_both_backends,
-    fill,
-    post_customer,
-    small_filesystem,
-    started_app,
-)
+from support.data import SEED
+from support.databases import answers_of_both_backends
+from support.filesystems import fill, small_filesystem
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, FLASK, ROOT, post_customer, started_app
 
 from customers_service import database, storage_postgres
 from customers_service.app import create_app

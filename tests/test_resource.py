@@ -8,7 +8,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer, walk_pages_while_inserting
+from support.data import SEED
+from support.load import walk_pages_while_inserting
+from support.service import AUTH, post_customer
 
 ODD_IDS = [
     "a/b",

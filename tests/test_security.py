@@ -6,7 +6,8 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, SEED, post_customer, started_app
+from support.data import SEED
+from support.service import API_KEY, AUTH, post_customer, started_app
 
 from customers_service import storage
 from customers_service.app import key_is_valid

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, FLASK, ROOT, SEED, answers, free_port
-from receiver import Receiver
+from support.data import SEED
+from support.receiver import Receiver
+from support.servers import answers, free_port
+from support.service import API_KEY, AUTH, FLASK, ROOT
 
 LAGO_VENV = ROOT / ".cache" / "lago-venv"
 

@@ -11,8 +11,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, AUTH, FLASK, ROOT, Backend, post_customer, started_app
-from receiver import Receiver
+from support.databases import Backend
+from support.receiver import Receiver
+from support.service import API_KEY, AUTH, FLASK, ROOT, post_customer, started_app
 
 from customers_service import database
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from postgres_cluster import free_port
+from support.servers import free_port
 
 
 @dataclass
