@@ -12,7 +12,12 @@ from support.service import API_KEY, started_app
 
 from customers_service import database, storage
 
-BACKENDS = ("sqlite", "postgres")
+# The PostgreSQL variant needs the cluster (root and Debian's postgresql): marked, so that
+# `-m "not postgres"` keeps the SQLite variant and never starts the cluster.
+BACKENDS = ("sqlite", pytest.param("postgres", marks=pytest.mark.postgres))
+
+# A test that asks for one of these fixtures needs what the mark says.
+FIXTURE_MARKS = {"postgres": "postgres", "server": "system"}
 
 
 def pytest_generate_tests(metafunc):
@@ -21,6 +26,15 @@ def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         only_sqlite = "db_path" in metafunc.fixturenames
         metafunc.parametrize("backend", ["sqlite"] if only_sqlite else BACKENDS, indirect=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Refuse a test that asks for the cluster or a real server without the matching mark: a
+    run that deselects the mark must never start either."""
+    for item in items:
+        for fixture, mark in FIXTURE_MARKS.items():
+            if fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker(mark):
+                raise pytest.UsageError(f"{item.nodeid} uses the {fixture} fixture: mark it {mark}")
 
 
 @pytest.fixture(scope="session")

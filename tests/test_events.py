@@ -207,11 +207,13 @@ def test_the_retention_comes_from_the_setting(app, client, runner, backend):
     assert "Removed 1 events" in runner.invoke(args=["customers", "prune-events"]).output
 
 
+@pytest.mark.system
 def test_a_consumer_paging_during_concurrent_writes_sees_every_change_once_in_order(server):
     """Six writers on gunicorn's two worker processes, a consumer paging all along."""
     run_writers_and_a_consumer(server.url, [server.url] * 6, count=60)
 
 
+@pytest.mark.postgres
 def test_postgres_feed_never_hands_out_a_number_above_one_still_in_flight(postgres):
     """The window the gate closes, held open on purpose: a transaction takes its number (its
     event's trigger made to fire at once with SET CONSTRAINTS ... IMMEDIATE, where it would

@@ -15,6 +15,8 @@ from support.load import WriteLoad
 from support.servers import Gunicorn
 from support.service import AUTH
 
+pytestmark = pytest.mark.system  # a real gunicorn in each; a tmpfs for the full disk
+
 
 def assert_all_present(db_path, acked: list[dict]) -> None:
     """The file is sound, and every acknowledged customer is in it with the values sent."""

@@ -20,6 +20,9 @@ from support.service import AUTH
 
 from customers_service import storage_postgres
 
+# Network namespaces (root), gunicorns, nginx and the PostgreSQL cluster they share.
+pytestmark = [pytest.mark.system, pytest.mark.postgres]
+
 HOSTS = 3
 
 

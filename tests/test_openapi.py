@@ -145,6 +145,7 @@ def test_docs_assets_are_served_locally(client):
             assert response.status_code == 200
 
 
+@pytest.mark.system
 def test_schemathesis_finds_nothing_against_a_live_gunicorn(server):
     command = [
         str(Path(ROOT / ".venv" / "bin" / "st")),
@@ -178,6 +179,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.system
 def test_docs_page_renders_every_operation_in_chromium(server, chromium):
     ARTIFACTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:

@@ -87,6 +87,7 @@ def test_key_comparison(presented, keys, valid):
     assert key_is_valid(presented, keys) is valid
 
 
+@pytest.mark.system
 def test_database_key_file_and_instance_folder_are_private(server, tmp_path, db_path):
     session = requests.Session()
     session.headers.update(AUTH)

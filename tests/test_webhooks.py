@@ -387,6 +387,7 @@ def test_the_secret_never_reaches_the_deliverer_s_log(client, runner, receivers,
     assert endpoint["secret"] not in process.log()
 
 
+@pytest.mark.postgres
 def test_the_deliverer_rides_out_a_postgres_restart(postgres, tmp_path, receivers):
     """PostgreSQL stops under a running deliverer and comes back: the deliverer logs it, waits,
     reconnects by itself and delivers what was recorded before and after."""
