@@ -85,7 +85,10 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # It looks for a shutdown() request at this interval: a stop need not wait out the
+        # default half second.
+        serve = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        serve.start()
         return self
 
     def stop(self) -> None:
