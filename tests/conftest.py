@@ -57,6 +57,7 @@ def backend(request, tmp_path):
     if name == "sqlite":
         path = tmp_path / "customers.sqlite3"
         yield Backend("sqlite", {"CUSTOMERS_DATABASE": str(path)}, sqlite_path=path)
+        database.close_connections()  # a file descriptor or two each: a test leaves none open
         return
     cluster = request.getfixturevalue("postgres")
     database_name = cluster.new_database()
