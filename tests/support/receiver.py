@@ -57,7 +57,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
             # The status line and the body go out in two writes: without this, Nagle's
-            # algorithm holds the second until the deliverer's delayed ACK (40 ms a request).
+            # algorithm holds the second until the deliverer's delayed ACK, on every request.
             disable_nagle_algorithm = True
 
             def do_POST(self):
