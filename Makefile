@@ -17,7 +17,7 @@ run: $(VENV)/.installed
 	kill -TERM $$deliverer 2>/dev/null; wait $$deliverer; exit $$status
 
 test: $(VENV)/.installed lint system-packages
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 0 $(PYTEST_ARGS)
 
 # Tests use Debian's Chromium (the docs page in a real browser), nginx (the slow-client set-up and
 # the load balancer of several hosts), curl (the README's example), PostgreSQL's server (a

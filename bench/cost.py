@@ -252,7 +252,7 @@ def main() -> None:
                 config["CUSTOMERS_DATABASE"] = os.path.join(tmp, "cost.sqlite3")
                 config["CUSTOMERS_SQLITE_SYNCHRONOUS"] = "NORMAL"
             else:
-                from postgres_cluster import PostgresCluster
+                from support.postgres_cluster import PostgresCluster
 
                 cluster = PostgresCluster()
                 cluster.init()

@@ -33,7 +33,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from postgres_cluster import PostgresCluster, free_port  # noqa: E402
+from support.postgres_cluster import PostgresCluster  # noqa: E402
+from support.servers import free_port  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
@@ -46,7 +47,7 @@ SEED = {k: v for k, v in SEED_EXAMPLE.items() if k != "customer_id"}
 RECEIVER = """
 import signal, sys, threading
 sys.path.insert(0, sys.argv[1])
-from receiver import Receiver
+from support.receiver import Receiver
 receiver = Receiver(sys.argv[2], int(sys.argv[3]), record_bodies=False).start()
 print("ready", flush=True)
 stopped = threading.Event()

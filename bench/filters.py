@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/filters.py [--rows 1000000] [--requests 100] [--backends sqlite postgres]
 
-Fills a SQLite file and a PostgreSQL database of a throwaway cluster (tests/postgres_cluster.py)
-with the same customers, a few metadata keys each, then sends each query of QUERIES through the
-WSGI app in-process (no network, no gunicorn), the backends alternating query by query; prints
-the median and p99 of each and, with --explain, each backend's query plan.
+Fills a SQLite file and a PostgreSQL database of a throwaway cluster
+(tests/support/postgres_cluster.py) with the same customers, a few metadata keys each, then sends
+each query of QUERIES through the WSGI app in-process (no network, no gunicorn), the backends
+alternating query by query; prints the median and p99 of each and, with --explain, each
+backend's query plan.
 """
 
 import argparse
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from postgres_cluster import PostgresCluster  # noqa: E402
+from support.postgres_cluster import PostgresCluster  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402

@@ -27,7 +27,8 @@ FLASK = (sys.executable, "-m", "customers_service", "customers")
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from postgres_cluster import PostgresCluster, free_port  # noqa: E402
+from support.postgres_cluster import PostgresCluster  # noqa: E402
+from support.servers import free_port  # noqa: E402
 
 KEY = "bench-key"
 SEED = {"name": "Gavin Belson", "country": "US", "city": "Woodland Hills", "zipcode": "91364"}

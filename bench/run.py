@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from list_page import prefill  # noqa: E402
-from postgres_cluster import PostgresCluster  # noqa: E402
+from support.postgres_cluster import PostgresCluster  # noqa: E402
 
 from customers_service.backends.postgres import connections as pg_connections
 from customers_service.backends.postgres import schema as pg_schema

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from postgres_cluster import PostgresCluster  # noqa: E402
+from support.postgres_cluster import PostgresCluster  # noqa: E402
 
 sys.path.insert(0, HERE)
 from versions import add_worktree, remove_worktree, shim  # noqa: E402

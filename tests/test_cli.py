@@ -10,7 +10,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import API_KEY, FLASK, ROOT, SEED, post_customer
+from support.data import SEED
+from support.service import API_KEY, FLASK, ROOT, post_customer
 
 from customers_service.app import create_app
 from customers_service.backends.sqlite import customers as sqlite_customers

@@ -199,8 +199,8 @@ def nginx_directives(conf: str) -> set[str]:
 
 
 def test_the_nginx_block_of_deploying_md_is_the_one_the_tests_run():
-    conftest = text(ROOT / "tests" / "conftest.py")
-    tested = re.search(r'^NGINX_CONF = """(.*?)"""', conftest, re.MULTILINE | re.DOTALL)
-    assert tested, "tests/conftest.py has no NGINX_CONF"
+    servers = text(ROOT / "tests" / "support" / "servers.py")
+    tested = re.search(r'^NGINX_CONF = """(.*?)"""', servers, re.MULTILINE | re.DOTALL)
+    assert tested, "tests/support/servers.py has no NGINX_CONF"
     server = tested[1].split("server {{", 1)[1]
     assert fenced_nginx_directives(text(DOCS / "deploying.md")) == nginx_directives(server)

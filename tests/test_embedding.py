@@ -1,8 +1,9 @@
 """The blueprint inside a host Flask app, under a URL prefix, with the host's config."""
 
 import pytest
-from conftest import API_KEY, AUTH, SEED
 from flask import Flask
+from support.data import SEED
+from support.service import API_KEY, AUTH
 
 from customers_service.app import bp
 from customers_service.database import prepare_database

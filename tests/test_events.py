@@ -4,13 +4,14 @@ in several processes (several hosts: tests/test_hosts.py)."""
 
 import json
 import re
-import threading
 import time
 import uuid
 
 import pytest
-import requests
-from conftest import AUTH, SEED, post_customer, psycopg_connect, started_app
+from support.data import SEED
+from support.load import run_writers_and_a_consumer
+from support.postgres_cluster import psycopg_connect
+from support.service import AUTH, post_customer, started_app
 
 from customers_service import database, storage
 from customers_service.backends import shared
@@ -207,125 +208,13 @@ def test_the_retention_comes_from_the_setting(app, client, runner, backend):
     assert "Removed 1 events" in runner.invoke(args=["customers", "prune-events"]).output
 
 
-def consume_while(url: str, running: threading.Event, pages: list) -> None:
-    """Page through the feed as a consumer does, until ``running`` clears and the feed is
-    drained; every page's body goes into ``pages``."""
-    after = 0
-    with requests.Session() as session:
-        session.headers.update(AUTH)
-        while True:
-            was_running = running.is_set()
-            body = session.get(url + "/api/v1/events", params={"after": after, "limit": 50})
-            assert body.status_code == 200, body.text
-            pages.append(body.json())
-            after = pages[-1]["meta"]["last_sequence"]
-            if not pages[-1]["meta"]["has_more"]:
-                if not was_running:
-                    return
-                time.sleep(0.01)
-
-
-def write_in_turn(
-    url: str, writer: int, ids: list[str], acked: list, count: int, errors: list
-) -> None:
-    """One client's changes, one after the other: upserts with a name no other change uses, and
-    now and then a delete; each 200 is appended to ``acked``, a failure to ``errors``."""
-    try:
-        _write_in_turn(url, writer, ids, acked, count)
-    except Exception as e:  # a thread's exception is otherwise lost: the test reports it
-        errors.append(repr(e))
-
-
-def _write_in_turn(url: str, writer: int, ids: list[str], acked: list, count: int) -> None:
-    with requests.Session() as session:
-        session.headers.update(AUTH)
-        for n in range(count):
-            customer_id = ids[(writer * 7 + n) % len(ids)]
-            if n % 9 == 8:
-                response = session.delete(f"{url}/api/v1/customers/{customer_id}")
-                if response.status_code == 200:
-                    acked.append(("deleted", customer_id, None))
-                continue
-            name = f"writer {writer} change {n}"
-            body = {"customer": {"customer_id": customer_id, "name": name}}
-            response = session.post(url + "/api/v1/customers", json=body)
-            assert response.status_code == 200, response.text
-            acked.append(("upserted", customer_id, name))
-
-
-def assert_feed_matches_the_changes(pages: list, acked_by_writer: list, final_rows: dict) -> None:
-    """Every change exactly once, numbers only growing, each writer's changes in the order it
-    made them, and replaying the feed gives the stored customers."""
-    events = [event for page in pages for event in page["events"]]
-    sequences = [event["sequence"] for event in events]
-    assert sequences == sorted(set(sequences)), "a number at or below one already handed out"
-    assert len({event["id"] for event in events}) == len(events)
-    assert len(events) == sum(len(acked) for acked in acked_by_writer)
-    position = {
-        event["customer"]["name"]: i
-        for i, event in enumerate(events)
-        if event["webhook_type"] != "customer.deleted"
-    }
-    for acked in acked_by_writer:  # a writer's next change started after its last one's 200
-        order = [position[name] for kind, _, name in acked if kind == "upserted"]
-        assert order == sorted(order)
-    replayed = {}
-    for event in events:
-        customer = event["customer"]
-        if event["webhook_type"] == "customer.deleted":
-            del replayed[customer["customer_id"]]
-        else:
-            replayed[customer["customer_id"]] = customer
-    assert replayed == final_rows
-
-
-def all_customers(url: str) -> dict:
-    """Every stored customer by customer_id, read through the API."""
-    customers, page = {}, 1
-    while page:
-        body = requests.get(
-            url + "/api/v1/customers", params={"page": page, "per_page": 100}, headers=AUTH
-        ).json()
-        customers.update((c["customer_id"], c) for c in body["customers"])
-        page = body["meta"]["next_page"]
-    return customers
-
-
-def run_writers_and_a_consumer(url: str, writer_urls: list[str], count: int) -> None:
-    """Writers on ``writer_urls`` (one thread each) changing a shared set of customers, while a
-    consumer pages the feed on ``url``; then check what the consumer collected."""
-    ids = [f"shared-{n}" for n in range(12)]
-    acked_by_writer = [[] for _ in writer_urls]
-    errors = []
-    running, pages = threading.Event(), []
-    running.set()
-    consumer = threading.Thread(target=consume_while, args=(url, running, pages))
-    consumer.start()
-    writers = [
-        threading.Thread(
-            target=write_in_turn, args=(writer_url, n, ids, acked_by_writer[n], count, errors)
-        )
-        for n, writer_url in enumerate(writer_urls)
-    ]
-    try:
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join()
-    finally:
-        running.clear()
-        consumer.join(timeout=60)
-    assert not consumer.is_alive()
-    assert errors == []
-    assert len(pages) > 3, "the consumer did not read during the load"
-    assert_feed_matches_the_changes(pages, acked_by_writer, all_customers(url))
-
-
+@pytest.mark.system
 def test_a_consumer_paging_during_concurrent_writes_sees_every_change_once_in_order(server):
     """Six writers on gunicorn's two worker processes, a consumer paging all along."""
     run_writers_and_a_consumer(server.url, [server.url] * 6, count=60)
 
 
+@pytest.mark.postgres
 def test_postgres_feed_never_hands_out_a_number_above_one_still_in_flight(postgres):
     """The window the gate closes, held open on purpose: a transaction takes its number (its
     event's trigger made to fire at once with SET CONSTRAINTS ... IMMEDIATE, where it would

@@ -9,15 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import (
-    AUTH,
-    Backend,
-    Gunicorn,
-    WriteLoad,
-    assert_all_acknowledged_present,
-    fill,
-    small_filesystem,
-)
+from support.databases import Backend, assert_all_acknowledged_present
+from support.filesystems import fill, small_filesystem
+from support.load import WriteLoad
+from support.servers import Gunicorn
+from support.service import AUTH
+
+pytestmark = pytest.mark.system  # a real gunicorn in each; a tmpfs for the full disk
 
 
 def assert_all_present(db_path, acked: list[dict]) -> None:

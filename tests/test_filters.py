@@ -8,7 +8,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import AUTH, answers_of_both_backends, post_customer, walk_pages_while_inserting
+from support.databases import answers_of_both_backends
+from support.load import walk_pages_while_inserting
+from support.service import AUTH, post_customer
 
 from customers_service.backends import shared
 from customers_service.backends.sqlite import connections as sqlite_connections
@@ -316,6 +318,7 @@ def test_bad_pagination_is_reported_before_bad_filters(client):
     assert response.get_json()["error_details"] == {"page": ["repeated_parameter"]}
 
 
+@pytest.mark.system
 def test_paging_a_filtered_list_while_others_insert_misses_no_customer(server):
     """Customers in FR and DE are inserted while a client walks the FR list newest first: each
     FR customer there before the walk is seen, and no DE customer ever is."""
@@ -383,6 +386,7 @@ COMPARED_QUERIES = [
 ]
 
 
+@pytest.mark.postgres
 def test_both_backends_give_the_same_answer_to_every_filter(postgres, tmp_path):
     """The same customers (lago_id and times included, through an import) in both backends,
     and every page of every compared query, byte for byte."""

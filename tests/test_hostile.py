@@ -7,9 +7,10 @@ import socket
 from urllib.parse import quote
 
 import pytest
-from conftest import API_KEY, AUTH, SEED, post_customer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.data import SEED
+from support.service import API_KEY, AUTH, post_customer
 
 from customers_service import storage
 from customers_service.schemas import COUNTRY_CODES
@@ -334,18 +335,21 @@ def status_and_body(answer: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+@pytest.mark.system
 def test_a_body_shorter_than_its_content_length_is_400(server):
     answer = raw_http(server.port, http_head(1000) + b'{"customer": {', close_write=True)
     status, body = status_and_body(answer)
     assert (status, body["code"]) == (400, "bad_request")
 
 
+@pytest.mark.system
 def test_a_body_longer_than_its_content_length_is_cut_there(server):
     whole = json.dumps({"customer": SEED}).encode()
     status, body = status_and_body(raw_http(server.port, http_head(20) + whole))
     assert (status, body["code"]) == (400, "invalid_json")
 
 
+@pytest.mark.system
 def test_a_chunked_body_over_the_limit_is_413(server):
     chunk = b"x" * 8192
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10)) + b"0\r\n\r\n"
@@ -354,6 +358,7 @@ def test_a_chunked_body_over_the_limit_is_413(server):
     assert (status, body["code"]) == (413, "payload_too_large")
 
 
+@pytest.mark.system
 def test_a_chunked_body_under_the_limit_is_accepted(server):
     whole = json.dumps({"customer": SEED}).encode()
     chunks = b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole)
@@ -361,6 +366,7 @@ def test_a_chunked_body_under_the_limit_is_accepted(server):
     assert status_and_body(answer)[0] == 200
 
 
+@pytest.mark.system
 def test_a_100kb_query_string_is_refused_by_gunicorn_before_the_app(server):
     request = (
         f"GET /api/v1/customers?junk={'x' * 100_000} HTTP/1.1\r\nHost: localhost\r\n"

@@ -12,18 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import (
-    AUTH,
-    Backend,
-    Gunicorn,
-    Nginx,
-    PostgresCluster,
-    WriteLoad,
-    assert_all_acknowledged_present,
-)
-from test_events import run_writers_and_a_consumer
+from support.databases import Backend, assert_all_acknowledged_present
+from support.load import WriteLoad, run_writers_and_a_consumer
+from support.postgres_cluster import PostgresCluster
+from support.servers import Gunicorn, Nginx
+from support.service import AUTH
 
 from customers_service.backends.postgres import schema as pg_schema
+
+# Network namespaces (root), gunicorns, nginx and the PostgreSQL cluster they share.
+pytestmark = [pytest.mark.system, pytest.mark.postgres]
 
 HOSTS = 3
 

@@ -7,7 +7,9 @@ import time
 
 import pytest
 import requests
-from conftest import AUTH, ROOT, SEED, Nginx
+from support.data import SEED
+from support.servers import Nginx
+from support.service import AUTH, ROOT
 
 
 @pytest.fixture
@@ -33,6 +35,7 @@ def slow_client(port: int, stop: threading.Event, connected: threading.Barrier) 
             stop.wait(1.0)
 
 
+@pytest.mark.system
 def test_fifty_one_byte_a_second_clients_do_not_delay_others(server, nginx):
     url, port = nginx
     stop = threading.Event()
@@ -63,6 +66,7 @@ def test_fifty_one_byte_a_second_clients_do_not_delay_others(server, nginx):
     assert "request_id=" in server.log()
 
 
+@pytest.mark.system
 def test_nginx_passes_the_callers_request_id(server, nginx):
     url, _ = nginx
     response = requests.get(url + "/health", headers={"X-Request-Id": "through-nginx"}, timeout=5)

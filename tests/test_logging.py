@@ -8,7 +8,9 @@ import sqlite3
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, SEED, Gunicorn, post_customer
+from support.data import SEED
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, post_customer
 
 PERSONAL = {
     "customer_id": "cus-personal-7",
@@ -25,6 +27,7 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.system
 def test_json_lines_carry_the_request_and_never_a_key_or_personal_field(tmp_path, backend):
     env = {**backend.env, "CUSTOMERS_LOG_FORMAT": "json"}
     gunicorn = Gunicorn(tmp_path, workers=2, env=env).start()
@@ -72,6 +75,7 @@ def test_json_lines_carry_the_request_and_never_a_key_or_personal_field(tmp_path
         assert secret not in text
 
 
+@pytest.mark.system
 def test_a_json_error_line_carries_the_request_id(tmp_path):
     gunicorn = Gunicorn(tmp_path, workers=1, env={"CUSTOMERS_LOG_FORMAT": "json"}).start()
     try:
@@ -121,6 +125,7 @@ def remote_addresses(gunicorn: Gunicorn, forwarded: list[str]) -> list[str]:
 FORGED = ["198.51.100.7", "198.51.100.7, 203.0.113.9", "not-an-address"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "proxies, forwarded, believed",
     [
@@ -146,6 +151,7 @@ def test_a_forwarded_address_is_believed_only_from_trusted_proxies(
         gunicorn.stop()
 
 
+@pytest.mark.system
 def test_a_text_line_quotes_a_forwarded_address_that_could_fake_a_field(tmp_path):
     gunicorn = Gunicorn(tmp_path, workers=1, env={"CUSTOMERS_TRUSTED_PROXIES": "1"}).start()
     try:

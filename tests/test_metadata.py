@@ -6,7 +6,8 @@ import threading
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer
+from support.data import SEED
+from support.service import AUTH, post_customer
 
 from customers_service import storage
 
@@ -228,6 +229,7 @@ def test_overwriting_keys_at_fifty_is_accepted(client):
     assert get(client)["metadata"]["k0"] == "changed"
 
 
+@pytest.mark.system
 def test_concurrent_merges_of_different_keys_keep_them_all(server):
     """Each request adds its own keys to one customer at once: the merge happens inside the
     database's write, so none is lost."""

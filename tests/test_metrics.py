@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, Gunicorn, post_customer
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, post_customer
 
 from customers_service import database
 from customers_service.app import bp, create_app
@@ -86,6 +87,7 @@ def send_known_traffic(url: str) -> Counter:
     return Counter(sent)
 
 
+@pytest.mark.system
 def test_a_scrape_counts_every_workers_requests_exactly(tmp_path, backend):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -190,6 +192,7 @@ def test_database_errors_are_counted_by_code_and_a_scrape_still_answers(app, cli
     assert samples(answer.get_data(True))[key] == before + 2
 
 
+@pytest.mark.postgres
 def test_postgres_errors_are_counted_by_code_and_a_scrape_still_answers(postgres, tmp_path):
     app = create_app(
         {
@@ -294,6 +297,7 @@ def started_with_its_metrics_folder(tmp_path) -> tuple[Gunicorn, str]:
     return gunicorn, folder
 
 
+@pytest.mark.system
 def test_a_start_removes_only_the_metrics_folders_of_killed_gunicorns(tmp_path):
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     live, live_folder = started_with_its_metrics_folder(tmp_path)
@@ -311,6 +315,7 @@ def test_a_start_removes_only_the_metrics_folders_of_killed_gunicorns(tmp_path):
     assert not os.path.exists(live_folder), "a gunicorn removes its own folder when it stops"
 
 
+@pytest.mark.system
 def test_a_request_never_fails_for_its_metrics(tmp_path):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()

@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, ROOT, SEED
 from flask import Flask
 from openapi_spec_validator import validate
+from support.data import SEED
+from support.service import API_KEY, ROOT
 
 from customers_service import storage
 from customers_service.app import bp
@@ -144,6 +145,7 @@ def test_docs_assets_are_served_locally(client):
             assert response.status_code == 200
 
 
+@pytest.mark.system
 def test_schemathesis_finds_nothing_against_a_live_gunicorn(server):
     command = [
         str(Path(ROOT / ".venv" / "bin" / "st")),
@@ -177,6 +179,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.system
 def test_docs_page_renders_every_operation_in_chromium(server, chromium):
     ARTIFACTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:

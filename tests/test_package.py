@@ -10,7 +10,9 @@ import venv
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, ROOT, SEED, answers, free_port
+from support.data import SEED
+from support.servers import answers, free_port
+from support.service import API_KEY, AUTH, ROOT
 
 HOST_VENV = ROOT / ".cache" / "host-venv"
 NOT_SHIPPED = shutil.ignore_patterns(
@@ -98,6 +100,7 @@ def host(tmp_path):
     return folder
 
 
+@pytest.mark.system
 def test_the_installed_package_is_one_package_with_no_top_level_modules(installed):
     result = subprocess.run(
         [str(installed), "-c", "import customers_service.app as a; print(a.__file__)"],
@@ -113,6 +116,7 @@ def test_the_installed_package_is_one_package_with_no_top_level_modules(installe
             assert not (folder / name).exists(), f"{name} installed at the top level"
 
 
+@pytest.mark.system
 def test_a_host_with_its_own_app_schemas_and_storage_mounts_the_blueprint(installed, host):
     database = str(host / "customers.sqlite3")
     result = subprocess.run(
@@ -130,6 +134,7 @@ def test_a_host_with_its_own_app_schemas_and_storage_mounts_the_blueprint(instal
     assert out["home"] == [200, "the host's home: the host's schemas and the host's storage"]
 
 
+@pytest.mark.system
 def test_gunicorn_serves_the_installed_package_from_any_folder(installed, host):
     bin_folder = installed.parent
     env = {

@@ -13,19 +13,11 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-from conftest import (
-    API_KEY,
-    AUTH,
-    FLASK,
-    ROOT,
-    SEED,
-    Gunicorn,
-    answers_of_both_backends,
-    fill,
-    post_customer,
-    small_filesystem,
-    started_app,
-)
+from support.data import SEED
+from support.databases import answers_of_both_backends
+from support.filesystems import fill, small_filesystem
+from support.servers import Gunicorn
+from support.service import API_KEY, AUTH, FLASK, ROOT, post_customer, started_app
 
 from customers_service import database
 from customers_service.app import create_app
@@ -48,6 +40,7 @@ def flask_command(env: dict, *args: str, **kwargs) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.postgres
 def test_three_hosts_starting_together_apply_each_migration_once(postgres):
     name = postgres.new_database(migrated=False)
     env = {"CUSTOMERS_DATABASE_URL": postgres.url(name)}
@@ -75,6 +68,7 @@ def test_three_hosts_starting_together_apply_each_migration_once(postgres):
     postgres.drop_database(name)
 
 
+@pytest.mark.postgres
 def test_a_database_of_the_first_version_is_migrated_with_its_data(postgres):
     name = postgres.new_database(migrated=False)
     conn = pg_connections.connect(postgres.url(name))
@@ -102,6 +96,7 @@ def test_a_database_of_the_first_version_is_migrated_with_its_data(postgres):
         postgres.drop_database(name)
 
 
+@pytest.mark.postgres
 def test_service_sessions_commit_synchronously_whatever_the_database_default(postgres):
     name = postgres.new_database()
     postgres.admin(f"ALTER DATABASE {name} SET synchronous_commit = off")
@@ -115,6 +110,7 @@ def test_service_sessions_commit_synchronously_whatever_the_database_default(pos
         postgres.drop_database(name)
 
 
+@pytest.mark.postgres
 def test_an_uninitialised_database_is_a_503_until_init_db(postgres, tmp_path):
     name = postgres.new_database(migrated=False)
     app = create_app({"CUSTOMERS_DATABASE_URL": postgres.url(name), "CUSTOMERS_API_KEYS": API_KEY})
@@ -149,6 +145,7 @@ def pg_app(postgres, tmp_path):
     postgres.drop_database(name)
 
 
+@pytest.mark.postgres
 def test_a_row_locked_past_the_statement_timeout_is_503_database_busy(pg_app, postgres):
     client = pg_app.test_client()
     assert post_customer(client, SEED).status_code == 200
@@ -164,6 +161,7 @@ def test_a_row_locked_past_the_statement_timeout_is_503_database_busy(pg_app, po
     assert post_customer(client, SEED).status_code == 200
 
 
+@pytest.mark.postgres
 def test_an_exhausted_pool_is_503_database_busy(pg_app):
     client = pg_app.test_client()
     assert client.get("/health").status_code == 200
@@ -178,6 +176,7 @@ def test_an_exhausted_pool_is_503_database_busy(pg_app):
     assert post_customer(client, SEED).status_code == 200
 
 
+@pytest.mark.postgres
 def test_a_read_only_database_is_503_database_read_only(pg_app, postgres):
     client = pg_app.test_client()
     postgres.admin(f"ALTER DATABASE {pg_app.database_name} SET default_transaction_read_only = on")
@@ -189,6 +188,7 @@ def test_a_read_only_database_is_503_database_read_only(pg_app, postgres):
     assert client.get("/api/v1/customers", headers=AUTH).status_code == 200  # reads still work
 
 
+@pytest.mark.postgres
 def test_answers_are_the_same_bytes_on_both_backends(postgres, tmp_path):
     lines = [
         {
@@ -221,6 +221,7 @@ def test_answers_are_the_same_bytes_on_both_backends(postgres, tmp_path):
     assert answers["sqlite"] == answers["postgres"]
 
 
+@pytest.mark.postgres
 def test_export_from_sqlite_piped_into_import_on_postgres_moves_every_column(postgres, tmp_path):
     sqlite_env = {"CUSTOMERS_DATABASE": str(tmp_path / "from.sqlite3")}
     app = started_app({**sqlite_env, "CUSTOMERS_API_KEYS": API_KEY})
@@ -262,6 +263,8 @@ def owned_database(postgres) -> tuple[str, str]:
 PASSWORD = "Sekr3t-Passw0rd"
 
 
+@pytest.mark.postgres
+@pytest.mark.system
 def test_postgres_stopped_is_503_unavailable_and_the_service_recovers_by_itself(tmp_path, postgres):
     name, url = owned_database(postgres)
     gunicorn = Gunicorn(
@@ -306,6 +309,7 @@ def test_passwords_are_hidden_wherever_the_url_holds_them():
     assert hidden == "postgresql://u@h/d?password=***&sslpassword=***&sslmode=on"
 
 
+@pytest.mark.postgres
 def test_init_db_on_an_unreachable_server_says_so_without_the_password(postgres):
     url = f"postgresql://customers_app:{PASSWORD}@127.0.0.1:1/nowhere"
     result = flask_command({"CUSTOMERS_DATABASE_URL": url}, "init-db")
@@ -314,6 +318,8 @@ def test_init_db_on_an_unreachable_server_says_so_without_the_password(postgres)
     assert PASSWORD not in result.stdout + result.stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.system
 def test_a_full_disk_is_503_database_full(postgres):
     parent = Path(tempfile.mkdtemp(prefix="customers-pg-full-"))
     parent.chmod(0o755)  # the postgres user reaches the tablespace through it

@@ -8,7 +8,9 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import AUTH, SEED, post_customer, walk_pages_while_inserting
+from support.data import SEED
+from support.load import walk_pages_while_inserting
+from support.service import AUTH, post_customer
 
 ODD_IDS = [
     "a/b",
@@ -95,6 +97,7 @@ def test_odd_customer_ids_round_trip(client, customer_id):
     assert deleted.get_json()["customer"]["customer_id"] == customer_id
 
 
+@pytest.mark.system
 def test_odd_customer_ids_round_trip_through_gunicorn(server):
     # http.client sends the path as given; some clients would resolve "%2E%2E" away first.
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -233,6 +236,7 @@ def test_per_page_bounds_are_accepted(client):
         assert response.status_code == 200
 
 
+@pytest.mark.system
 def test_walking_pages_during_concurrent_inserts_misses_no_customer(server):
     with requests.Session() as session:
         session.headers.update(AUTH)

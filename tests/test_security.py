@@ -6,7 +6,8 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, SEED, post_customer, started_app
+from support.data import SEED
+from support.service import API_KEY, AUTH, post_customer, started_app
 
 from customers_service import storage
 from customers_service.app import key_is_valid
@@ -86,6 +87,7 @@ def test_key_comparison(presented, keys, valid):
     assert key_is_valid(presented, keys) is valid
 
 
+@pytest.mark.system
 def test_database_key_file_and_instance_folder_are_private(server, tmp_path, db_path):
     session = requests.Session()
     session.headers.update(AUTH)

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, AUTH, FLASK, ROOT, SEED, answers, free_port
-from receiver import Receiver
+from support.data import SEED
+from support.receiver import Receiver
+from support.servers import answers, free_port
+from support.service import API_KEY, AUTH, FLASK, ROOT
 
 LAGO_VENV = ROOT / ".cache" / "lago-venv"
 
 
+@pytest.mark.system
 def test_16_clients_upserting_one_customer_leave_one_row(server):
     def client_run(client_number: int) -> list[int]:
         statuses = []
@@ -41,6 +44,7 @@ def test_16_clients_upserting_one_customer_leave_one_row(server):
     assert rows[0][1].startswith("client ")
 
 
+@pytest.mark.system
 def test_the_seed_body_through_curl(server):
     raw = json.dumps({"customer": SEED})
     result = subprocess.run(
@@ -107,6 +111,7 @@ def lago_client_python():
         pytest.fail(f"could not install lago-python-client 0.5.0: {e}")
 
 
+@pytest.mark.system
 def test_lagos_python_client_of_2022_works_unchanged(server, lago_client_python):
     """It knows no metadata: a customer's metadata set through the API survives its updates
     (it sends every field of its model, never metadata), and its reads ignore it."""
@@ -217,6 +222,7 @@ def gunicorn_master(session_id: int) -> int:
     raise AssertionError("no gunicorn master found")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "stop", ["ctrl-c", "sigterm to the group", "sigterm to make", "gunicorn ends"]
 )
@@ -268,6 +274,7 @@ def test_make_run_starts_the_deliverer_beside_gunicorn_and_stops_it_with_it(tmp_
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.system
 def test_make_run_fails_when_gunicorn_cannot_start_and_leaves_nothing_running(tmp_path):
     with socket.socket() as taken:  # gunicorn cannot bind a port already in use
         taken.bind(("127.0.0.1", 0))

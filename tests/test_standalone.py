@@ -4,7 +4,8 @@ import os
 import stat
 
 import pytest
-from conftest import AUTH, SEED, post_customer, started_app
+from support.data import SEED
+from support.service import AUTH, post_customer, started_app
 from werkzeug.datastructures import Headers
 
 from customers_service.app import CustomersRequest, add_common_headers, create_app

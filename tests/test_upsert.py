@@ -5,7 +5,8 @@ import re
 import sqlite3
 
 import pytest
-from conftest import API_KEY, AUTH, SEED, post_customer
+from support.data import SEED
+from support.service import API_KEY, AUTH, post_customer
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from postgres_cluster import free_port
+from support.servers import free_port
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
             # The status line and the body go out in two writes: without this, Nagle's
-            # algorithm holds the second until the deliverer's delayed ACK (40 ms a request).
+            # algorithm holds the second until the deliverer's delayed ACK, on every request.
             disable_nagle_algorithm = True
 
             def do_POST(self):
@@ -85,7 +85,10 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # It looks for a shutdown() request at this interval: a stop need not wait out the
+        # default half second.
+        serve = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        serve.start()
         return self
 
     def stop(self) -> None:
