@@ -182,7 +182,7 @@ class ImportReport:
     """Counts, rejected rows (to stderr and the rejects file) and the progress line."""
 
     def __init__(self, rejects, total_bytes: int | None, position):
-        self.inserted = self.updated = self.rejected = 0
+        self.inserted = self.updated = self.unchanged = self.rejected = 0
         self.rejects, self.total_bytes, self.position = rejects, total_bytes, position
         self.started = self.last_shown = time.monotonic()
         self.show_progress = sys.stderr.isatty()
@@ -195,10 +195,11 @@ class ImportReport:
             line = {"line": number, "errors": errors, "customer": raw}
             self.rejects.write(json.dumps(line, ensure_ascii=False) + "\n")
 
-    def committed(self, inserted: int, updated: int) -> None:
+    def committed(self, inserted: int, updated: int, unchanged: int) -> None:
         """Count a committed batch, and redraw the progress bar now and then."""
         self.inserted += inserted
         self.updated += updated
+        self.unchanged += unchanged
         now = time.monotonic()
         if self.show_progress and now - self.last_shown > 0.2:
             self.last_shown = now
@@ -206,7 +207,7 @@ class ImportReport:
 
     def _rows_and_rate(self) -> tuple[int, float, float]:
         """Rows handled so far, seconds since the start, and rows per second."""
-        rows = self.inserted + self.updated + self.rejected
+        rows = self.inserted + self.updated + self.unchanged + self.rejected
         seconds = time.monotonic() - self.started
         return rows, seconds, rows / max(seconds, 1e-9)
 
@@ -224,7 +225,8 @@ class ImportReport:
         """The one-line summary printed at the end."""
         _, seconds, rate = self._rows_and_rate()
         return (
-            f"{self.inserted:,} inserted, {self.updated:,} updated, {self.rejected:,} rejected "
+            f"{self.inserted:,} inserted, {self.updated:,} updated, "
+            f"{self.unchanged:,} unchanged, {self.rejected:,} rejected "
             f"in {seconds:.1f} s ({rate:,.0f} rows/s)"
         )
 
@@ -232,7 +234,7 @@ class ImportReport:
 BATCH_TRIES = 3
 
 
-def import_with_retries(store: Store, rows: list[dict]) -> tuple[int, list[tuple[int, dict]]]:
+def import_with_retries(store: Store, rows: list[dict]) -> tuple[int, int, list[tuple[int, dict]]]:
     """Store.import_batch, tried again when the database was only busy (a lock held by the live
     service past the timeout, a deadlock with it): the batch was rolled back whole."""
     attempt = 1
@@ -256,12 +258,12 @@ def commit_batch(store: Store, checked: list, report: ImportReport) -> None:
         else:
             valid.append((number, dict(zip(UPSERT_PARAMS, values, strict=True))))
     started = time.monotonic()
-    inserted, refused = import_with_retries(store, [params for _, params in valid])
+    inserted, updated, refused = import_with_retries(store, [params for _, params in valid])
     time.sleep((time.monotonic() - started) * store.backend.IMPORT_PAUSE)
     for position, errors in refused:  # a restored lago_id taken, metadata past 50 keys
         number, params = valid[position]
         report.reject(number, sent_fields(params), errors)
-    report.committed(inserted, len(valid) - len(refused) - inserted)
+    report.committed(inserted, updated, len(valid) - len(refused) - inserted - updated)
 
 
 def import_format(stream, given: str | None) -> str:

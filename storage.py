@@ -149,8 +149,9 @@ class Backend(Protocol):
 
     def upsert_customer(self, conn: Any, fields: Mapping) -> dict:
         """Create the customer, or update the keys present in ``fields``; return it as stored,
-        durable. Raise TooManyMetadataKeys, having written nothing, if the merged metadata would
-        hold more than 50 keys."""
+        durable. An upsert that changes nothing writes nothing (no updated_at, no event). Raise
+        TooManyMetadataKeys, having written nothing, if the merged metadata would hold more than
+        50 keys."""
 
     def get_customer(self, conn: Any, customer_id: str) -> dict | None:
         """The customer with that id, or None."""
@@ -171,11 +172,11 @@ class Backend(Protocol):
         """Every customer as one line of JSON, ``{"customer": {...}}``, oldest first, streamed
         from one snapshot while the service goes on writing."""
 
-    def import_batch(self, conn: Any, rows: list[dict]) -> tuple[int, list[tuple[int, dict]]]:
+    def import_batch(self, conn: Any, rows: list[dict]) -> tuple[int, int, list[tuple[int, dict]]]:
         """Upsert rows prepared by backends.shared.upsert_params in one transaction; return how
-        many customers they created, and (position, error details) of each row the database
-        refused (a restored lago_id another customer has, metadata merged past 50 keys); the
-        others are committed."""
+        many customers they created, how many they changed (the others changed nothing), and
+        (position, error details) of each row the database refused (a restored lago_id another
+        customer has, metadata merged past 50 keys); the others are committed."""
 
     def check_health(self, conn: Any, min_free_bytes: int) -> None:
         """Raise the backend's Error unless the database takes a tiny, durable write and (for a

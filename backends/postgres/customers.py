@@ -32,6 +32,18 @@ KEEP_ABSENT = ", ".join(
     for column in (f, f"folded_{f}")
     if column in INSERTED
 )
+# SQLite: the same condition. An upsert that changes nothing writes nothing; jsonb compares
+# the merged metadata by value.
+CHANGES = " OR ".join(
+    [
+        "c.name IS DISTINCT FROM excluded.name",
+        *(f"(%(set_{f})s = 1 AND c.{f} IS DISTINCT FROM excluded.{f})" for f in OPTIONAL_FIELDS),
+        """(%(set_metadata)s = 1 AND c.metadata IS DISTINCT FROM CASE
+            WHEN %(metadata_patch)s::jsonb IS NULL THEN '{}'::jsonb
+            ELSE jsonb_strip_nulls(c.metadata || %(metadata_patch)s::jsonb)
+        END)""",
+    ]
+)
 # SQLite: json_patch(), which follows RFC 7396; here || then dropping the keys set to null.
 UPSERT_MANY = f"""
 INSERT INTO customers AS c ({", ".join(INSERTED)})
@@ -46,6 +58,7 @@ ON CONFLICT (customer_id) DO UPDATE SET
         ELSE jsonb_strip_nulls(c.metadata || %(metadata_patch)s::jsonb)
     END,
     updated_at = %(now)s
+WHERE {CHANGES}
 """
 
 UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
@@ -104,10 +117,18 @@ def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
 
     One statement in autocommit is its own transaction: execute() returns only once the server
     has committed it (after the result, PostgreSQL commits, then says it is ready), so the row
-    it returns is durable, in one round trip instead of three.
+    it returns is durable, in one round trip instead of three. A statement that changed nothing
+    returns no row: it is then run again in a transaction, where it locks the customer's row
+    before the read, so the customer answered is the one it checked (and a change that came in
+    between is made now).
     """
+    params = upsert_params(fields, utc_now())
     try:
-        row = conn.execute(UPSERT_CUSTOMER, upsert_params(fields, utc_now())).fetchone()
+        row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
+        if row is None:
+            with conn.transaction():
+                row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
+                row = row or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchone()
     except psycopg.errors.CheckViolation as e:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
@@ -214,32 +235,36 @@ def export_lines(conn: psycopg.Connection) -> Iterator[str]:
                 yield json.dumps({"customer": customer}, ensure_ascii=False, separators=(",", ":"))
 
 
-def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, list[tuple]]:
+def import_batch(conn: psycopg.Connection, rows: list[dict]) -> tuple[int, int, list[tuple]]:
     """Backend.import_batch: one executemany; if the database refuses a row, the batch again
     row by row, each in a savepoint, in one transaction."""
     try:
         with conn.transaction():
             with conn.cursor() as cursor:
                 cursor.executemany(UPSERT_COUNTED, rows, returning=True)
-                return _inserted(cursor), []
+                return *_written(cursor), []
     except (psycopg.errors.UniqueViolation, psycopg.errors.CheckViolation):
         pass
-    inserted, refused = 0, []
+    inserted, updated, refused = 0, 0, []
     with conn.transaction(), conn.cursor() as cursor:
         for position, params in enumerate(rows):
             try:
                 with conn.transaction():  # a savepoint: PostgreSQL undoes this row only
                     cursor.execute(UPSERT_COUNTED, params)
-                    inserted += cursor.fetchone()["inserted"]
+                    created, changed = _written(cursor)
             except (psycopg.errors.UniqueViolation, psycopg.errors.CheckViolation) as e:
                 refused.append((position, refusal(e)))
-    return inserted, refused
+                continue
+            inserted, updated = inserted + created, updated + changed
+    return inserted, updated, refused
 
 
-def _inserted(cursor: psycopg.Cursor) -> int:
-    """How many rows the results of an executemany(..., returning=True) say were inserted."""
-    inserted = 0
+def _written(cursor: psycopg.Cursor) -> tuple[int, int]:
+    """How many rows the results of upserts say were inserted and updated: an upsert that
+    changed nothing returns no row."""
+    inserted = updated = 0
     while True:
-        inserted += sum(row["inserted"] for row in cursor.fetchall())
+        for row in cursor.fetchall():
+            inserted, updated = inserted + row["inserted"], updated + (not row["inserted"])
         if not cursor.nextset():
-            return inserted
+            return inserted, updated

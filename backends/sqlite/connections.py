@@ -158,14 +158,15 @@ def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
     if conn.in_transaction:
         with write(conn):
             return conn.execute(sql, params).fetchall()
-    previous = conn.isolation_level
+    previous, changes = conn.isolation_level, conn.total_changes
     try:
         conn.isolation_level = None  # commits what is open: nothing, as just checked
         # fetchall steps to the end: SQLite commits there, and a failed commit raises here.
         rows = conn.execute(sql, params).fetchall()
     finally:
         conn.isolation_level = previous
-    make_durable(conn)
+    if conn.total_changes != changes:  # a statement that wrote nothing has nothing to sync
+        make_durable(conn)
     return rows
 
 

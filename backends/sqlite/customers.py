@@ -2,6 +2,7 @@
 and import statements, and the functions that run them on a connection.
 backends/postgres/customers.py holds their PostgreSQL counterparts."""
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -10,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from operator import itemgetter
 
 from customers_service.backends.shared import FOLDED, INSERTED, UPSERT_PARAMS, upsert_params
-from customers_service.backends.sqlite.connections import write, write_alone
+from customers_service.backends.sqlite.connections import make_durable, write, write_alone
 from customers_service.storage import (
     COLUMNS,
     OPTIONAL_FIELDS,
@@ -26,6 +27,25 @@ KEEP_ABSENT = ", ".join(
     for f in OPTIONAL_FIELDS
     for column in (f, f"folded_{f}")
     if column in INSERTED
+)
+# An upsert that changes nothing writes nothing: the update runs only where a key sent holds a
+# new value (the same check in the same statement, so no concurrent change slips between). A
+# metadata patch changes something when one of its keys differs from the stored one (a null
+# for a key that is absent does not); a null metadata when some key is stored.
+# PostgreSQL: the same condition in its customers.py.
+CHANGES = " OR ".join(
+    [
+        "name IS NOT excluded.name",
+        *(f"(:set_{f} AND {f} IS NOT excluded.{f})" for f in OPTIONAL_FIELDS),
+        """(:set_metadata AND CASE
+            WHEN :metadata_patch IS NULL THEN metadata <> '{}'
+            ELSE EXISTS (
+                SELECT 1 FROM json_each(:metadata_patch) AS sent
+                LEFT JOIN json_each(customers.metadata) AS kept ON kept.key = sent.key
+                WHERE sent.value IS NOT kept.value
+            )
+        END)""",
+    ]
 )
 # A key absent from the request keeps the stored value: its :set_<field> flag is 0.
 # lago_id and created_at are only ever written by the insert. Metadata is merged (RFC 7396:
@@ -43,6 +63,7 @@ ON CONFLICT (customer_id) DO UPDATE SET
         ELSE json_patch(metadata, :metadata_patch)
     END,
     updated_at = :now
+WHERE {CHANGES}
 """
 
 UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
@@ -120,15 +141,36 @@ def refusal(error: sqlite3.IntegrityError) -> dict:
 
 def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
     """Backend.upsert_customer: one numbered statement, its own transaction (write_alone); the
-    metadata limit is a trigger's."""
-    params = upsert_params(fields, utc_now())
+    metadata limit is a trigger's.
+
+    A statement that changed nothing returns no row. It is then run again holding the write
+    lock, with the read of the customer, so the customer answered is the one it checked (and a
+    change that came in between is made now).
+    """
+    params = in_upsert_order(upsert_params(fields, utc_now()))
+    with metadata_refused():
+        rows = write_alone(conn, UPSERT_NUMBERED, params)
+        if rows:
+            return customer_from_row(rows[0])
+        changes = conn.total_changes
+        with conn:
+            begin_write(conn)
+            rows = conn.execute(UPSERT_NUMBERED, params).fetchall()
+            rows = rows or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchall()
+    if conn.total_changes != changes:
+        make_durable(conn)
+    return customer_from_row(rows[0])
+
+
+@contextlib.contextmanager
+def metadata_refused() -> Iterator[None]:
+    """Turn the metadata limit's refusal into TooManyMetadataKeys."""
     try:
-        (row,) = write_alone(conn, UPSERT_NUMBERED, in_upsert_order(params))
+        yield
     except sqlite3.IntegrityError as e:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
         raise
-    return customer_from_row(row)
 
 
 def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
@@ -271,32 +313,35 @@ def count_customers(conn: sqlite3.Connection) -> int:
     return conn.execute(SELECT_COUNT).fetchone()[0]
 
 
-def upsert_batch(conn: sqlite3.Connection, params: list[dict]) -> int:
+def upsert_batch(conn: sqlite3.Connection, params: list[dict]) -> tuple[int, int]:
     """Run prepared upserts (see upsert_params) in the caller's transaction; return how many
-    customers they created."""
+    customers they created and how many they changed."""
     before = count_customers(conn)
-    conn.executemany(UPSERT_MANY, params)
-    return count_customers(conn) - before
+    written = conn.executemany(UPSERT_MANY, params).rowcount  # a no-op upsert writes no row
+    inserted = count_customers(conn) - before
+    return inserted, written - inserted
 
 
-def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, list[tuple]]:
+def import_batch(conn: sqlite3.Connection, rows: list[dict]) -> tuple[int, int, list[tuple]]:
     """Backend.import_batch: one executemany; if the database refuses a row, the batch again
     row by row, in one transaction, each refusal undoing its own statement only."""
     try:
         with write(conn):
             begin_write(conn)
-            return upsert_batch(conn, rows), []
+            return *upsert_batch(conn, rows), []
     except sqlite3.IntegrityError:
         pass
-    inserted, refused = 0, []
+    inserted, updated, refused = 0, 0, []
     with write(conn):
         begin_write(conn)
         for position, params in enumerate(rows):
             try:
-                inserted += upsert_batch(conn, [params])
+                created, changed = upsert_batch(conn, [params])
             except sqlite3.IntegrityError as e:  # SQLite undoes that statement only
                 refused.append((position, refusal(e)))
-    return inserted, refused
+                continue
+            inserted, updated = inserted + created, updated + changed
+    return inserted, updated, refused
 
 
 def begin_write(conn: sqlite3.Connection) -> None:
