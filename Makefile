@@ -1,4 +1,5 @@
-# The two commands: `make run` serves the API on 127.0.0.1:8000, `make test` runs every check.
+# The two commands: `make run` serves the API on 127.0.0.1:8000 (CUSTOMERS_BIND=host:port to
+# choose another), `make test` runs every check.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -10,7 +10,7 @@ import secrets
 
 from flask import Flask, Request, current_app, request
 
-from customers_service.logs import error_log, setup_logging
+from customers_service.logs import say
 from customers_service.responses import ApiError
 from customers_service.settings import flag, setting
 
@@ -19,9 +19,11 @@ PUBLIC_ENDPOINTS = {
     "customers.openapi_document",
     "customers.health",
     "customers.docs",
+    "customers.docs_with_slash",
     "customers.docs_asset",
 }
 KEY_PREFIX_LENGTH = 12
+HOW_TO_SEND_A_KEY = "send an API key in the header Authorization: Bearer <key>"
 
 _key_file_cache: dict[str, tuple[tuple, list[str]]] = {}
 
@@ -80,7 +82,7 @@ def add_key_to_file(path: str, key: str) -> None:
 
 
 def ensure_api_key(app: Flask) -> None:
-    """Create a key file with one key when the app has no key at all, and say where it is."""
+    """Create a key file with one key when the app has no key at all, and show it, once."""
     with app.app_context():
         if not keys_required() or api_keys():
             return
@@ -90,10 +92,15 @@ def ensure_api_key(app: Flask) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return
+        key = new_api_key()
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new_api_key() + "\n")
-    setup_logging()
-    error_log.warning("no API key was configured: created one in %s", path)
+            f.write(key + "\n")
+        # The one time a key is shown: later starts and commands name the file instead.
+        say(
+            f"No API key was configured: created one in {path} (readable by you only). "
+            f"It is not shown again: {key}",
+            key_file=path,
+        )
 
 
 @contextlib.contextmanager
@@ -144,4 +151,6 @@ def require_api_key() -> None:
         return
     token = bearer_token(req)
     if token is None or not key_is_valid(token, api_keys(app)):
-        raise ApiError(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", HOW_TO_SEND_A_KEY, headers={"WWW-Authenticate": "Bearer"}
+        )

@@ -3,7 +3,17 @@
 import os
 import time
 
-from flask import Blueprint, Flask, Response, current_app, g, request, send_from_directory
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    g,
+    redirect,
+    request,
+    send_from_directory,
+    url_for,
+)
 from marshmallow import ValidationError
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
@@ -308,6 +318,12 @@ def openapi_document():
 def docs():
     """The interactive API page (Swagger UI, served from the swagger-ui-py package)."""
     return openapi.docs_page()
+
+
+@bp.get("/docs/", provide_automatic_options=False)
+def docs_with_slash():
+    """The interactive API page's address as people type it: a redirect to /docs."""
+    return redirect(url_for(".docs"), 308)
 
 
 @bp.get("/docs/assets/<path:filename>", provide_automatic_options=False)

@@ -221,6 +221,15 @@ class ImportReport:
             bar = f"[{'#' * filled}{'-' * (30 - filled)}] {done:4.0%}  "
         return f"{bar}{rows:,} rows  {rate:,.0f} rows/s"
 
+    def counts(self) -> dict:
+        """The rows counted, by what became of them."""
+        return {
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "rejected": self.rejected,
+        }
+
     def summary(self) -> str:
         """The one-line summary printed at the end."""
         _, seconds, rate = self._rows_and_rate()

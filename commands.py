@@ -38,6 +38,7 @@ from customers_service.database import (
     where,
 )
 from customers_service.deliverer import Deliverer, DelivererSettings
+from customers_service.logs import say
 from customers_service.settings import setting
 from customers_service.storage import Store, utc_now
 from customers_service.webhooks import BadWebhookUrl, RetrySchedule, new_endpoint, unix_now
@@ -51,11 +52,14 @@ def command_store(prepare: bool = False) -> Store:
     try:
         if prepare:
             prepare_database(current_app)
-        return open_store()
+        store = open_store()
     except DatabaseNotReady as e:
         raise click.ClickException(str(e)) from None
     except backend().Error as e:
         raise click.ClickException(f"{where()}: {e}") from None
+    if not prepare:  # init-db says it is ready instead
+        say(f"Database: {where()}", database=where())
+    return store
 
 
 @contextlib.contextmanager
@@ -72,13 +76,13 @@ def opened_store() -> Iterator[Store]:
 def init_db_command() -> None:
     """Create or migrate the database; safe to run any number of times."""
     command_store(prepare=True).close()
-    click.echo(f"Database ready: {where()}")
+    say(f"Database ready: {where()}", database=where())
     key_file = setting("CUSTOMERS_API_KEY_FILE")
-    keys = read_key_file(key_file)
-    if keys:
-        click.echo(f"API key (from {key_file}): {keys[0]}")
+    if read_key_file(key_file):
+        # A key is shown once, when it is made; from then on, where it is.
+        say(f"API keys: in {key_file} (list-api-keys shows their prefixes)", key_file=key_file)
     elif configured_keys():
-        click.echo("API keys: those set in CUSTOMERS_API_KEYS")
+        say("API keys: those set in CUSTOMERS_API_KEYS")
 
 
 @cli.command("create-api-key")
@@ -89,7 +93,7 @@ def create_api_key_command() -> None:
     with key_file_lock(path):
         add_key_to_file(path, key)
     click.echo(key)
-    click.echo(f"Stored in {path}. It is not shown again: keep it now.", err=True)
+    say(f"Stored in {path}. It is not shown again: keep it now.", key_file=path)
 
 
 @cli.command("list-api-keys")
@@ -113,7 +117,7 @@ def revoke_api_key_command(prefix: str) -> None:
             found = "no key" if not matches else f"{len(matches)} keys"
             raise click.ClickException(f"{found} of {path} start with {prefix!r}")
         write_key_file(path, [key for key in keys if key != matches[0]])
-    click.echo(f"Revoked {matches[0][:KEY_PREFIX_LENGTH]}...")
+    say(f"Revoked {matches[0][:KEY_PREFIX_LENGTH]}...", err=False)
 
 
 @cli.command("import")
@@ -145,7 +149,7 @@ def import_command(file, file_format: str | None, rejects, batch_size: int, jobs
                 store = command_store()
             commit_batch(store, checked, report)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; committed so far: {report.summary()}", err=True)
+        say(f"\ninterrupted; committed so far: {report.summary()}")
         raise SystemExit(130) from None
     finally:
         batches.close()
@@ -153,7 +157,7 @@ def import_command(file, file_format: str | None, rejects, batch_size: int, jobs
             store.close()
     if report.show_progress:
         click.echo("\r" + report.progress_line(), err=True)
-    click.echo(report.summary())
+    say(report.summary(), err=False, **report.counts())
     if report.rejected:
         raise SystemExit(1)
 
@@ -173,7 +177,7 @@ def export_command(file) -> None:
         store.close()
     file.flush()
     seconds = time.monotonic() - started
-    click.echo(f"exported {count:,} customers in {seconds:.1f} s", err=True)
+    say(f"exported {count:,} customers in {seconds:.1f} s")
 
 
 # --- events and webhooks ---------------------------------------------------------------------
@@ -195,7 +199,7 @@ def add_webhook_command(url: str) -> None:
     with opened_store() as store:
         store.add_webhook(endpoint)
     print_json(endpoint)
-    click.echo("The secret is not shown again: keep it now.", err=True)
+    say("The secret is not shown again: keep it now.")
 
 
 @cli.command("list-webhooks")
@@ -214,7 +218,7 @@ def remove_webhook_command(endpoint_id: str) -> None:
         removed = store.remove_webhook(endpoint_id)
     if not removed:
         raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
-    click.echo(f"Removed {endpoint_id}")
+    say(f"Removed {endpoint_id}", err=False)
 
 
 @cli.command("webhook-status")
@@ -233,7 +237,7 @@ def retry_webhooks_command(endpoint_id: str) -> None:
         queued = store.retry_failed(endpoint_id)
     if queued is None:
         raise click.ClickException(f"no webhook endpoint has the id {endpoint_id!r}")
-    click.echo(f"Queued {queued} failed events again for {endpoint_id}")
+    say(f"Queued {queued} failed events again for {endpoint_id}", err=False)
 
 
 @cli.command("prune-events")
@@ -244,7 +248,7 @@ def prune_events_command() -> None:
     with opened_store() as store:
         while pruned := store.prune_events(recorded_before):  # a few thousand at a time
             removed += pruned
-    click.echo(f"Removed {removed} events")
+    say(f"Removed {removed} events", err=False)
 
 
 def retention_seconds() -> float:
@@ -277,6 +281,6 @@ def deliver_webhooks_command() -> None:
     deliverer = Deliverer(lambda: open_store(app), deliverer_settings())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: deliverer.stop())
-    click.echo(f"delivering webhooks from {where()} (pid {os.getpid()})", err=True)
+    say(f"delivering webhooks from {where()} (pid {os.getpid()})", pid=os.getpid())
     deliverer.run()
-    click.echo("deliverer stopped", err=True)
+    say("deliverer stopped")

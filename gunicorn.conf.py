@@ -73,6 +73,7 @@ def on_starting(server) -> None:
     from customers_service.standalone import prepare_or_exit
 
     prepare_or_exit(create_app())
+    server.log.info("Serving on http://%s (CUSTOMERS_BIND chooses the address)", bind)
 
 
 def make_metrics_folder() -> str:

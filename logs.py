@@ -9,6 +9,7 @@ import sys
 import time
 from urllib.parse import quote
 
+import click
 from flask import Request, current_app, g, has_app_context, has_request_context, request
 from werkzeug.routing import Rule
 
@@ -156,6 +157,17 @@ def write_access_line(
         )
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def say(message: str, *, err: bool = True, **fields) -> None:
+    """An operator's message from a command or the deliverer, on stderr (or stdout): the text,
+    or with CUSTOMERS_LOG_FORMAT=json one JSON object with ``fields`` beside the message."""
+    if wants_json():
+        line = {"time": iso_time(time.time()), "level": "info", "logger": "customers.commands"}
+        line = json.dumps({**line, "message": message, **fields}, ensure_ascii=False)
+    else:
+        line = message
+    click.echo(line, err=err)
 
 
 def plain(text: str) -> str:
