@@ -81,7 +81,7 @@ def test_import_jsonl_with_and_without_the_envelope(runner, tmp_path, db_path):
     )
     result = invoke(runner, "import", path)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("2 inserted, 0 updated, 0 rejected")
+    assert result.stdout.startswith("2 inserted, 0 updated, 0 unchanged, 0 rejected")
     by_id = {r["customer_id"]: r for r in rows(db_path)}
     assert by_id["plain"]["country"] == "FR"
     assert by_id[SEED["customer_id"]]["name"] == SEED["name"]
@@ -94,7 +94,7 @@ def test_import_follows_the_upsert_rule(runner, client, tmp_path, db_path):
         [{"customer_id": SEED["customer_id"], "name": "Renamed", "email": None}],
     )
     result = invoke(runner, "import", path)
-    assert result.stdout.startswith("0 inserted, 1 updated, 0 rejected")
+    assert result.stdout.startswith("0 inserted, 1 updated, 0 unchanged, 0 rejected")
     customer = client.get(
         f"/api/v1/customers/{SEED['customer_id']}", headers={"Authorization": f"Bearer {API_KEY}"}
     ).get_json()["customer"]
@@ -120,7 +120,7 @@ def test_rejected_rows_are_reported_with_line_numbers_and_never_stop_the_rest(
     rejects = tmp_path / "rejects.jsonl"
     result = invoke(runner, "import", str(source), "--rejects", str(rejects))
     assert result.exit_code == 1
-    assert result.stdout.startswith("2 inserted, 0 updated, 4 rejected")
+    assert result.stdout.startswith("2 inserted, 0 updated, 0 unchanged, 4 rejected")
     both = '{"country": ["not_a_valid_country_code"], "name": ["value_is_mandatory"]}'
     assert f"line 3: rejected: {both}" in result.stderr
     assert 'line 4: rejected: {"_row": ["invalid_json"]}' in result.stderr
@@ -158,7 +158,7 @@ def test_import_csv_with_a_header_row(runner, tmp_path, db_path):
     )
     result = invoke(runner, "import", str(source))
     assert result.exit_code == 1
-    assert result.stdout.startswith("1 inserted, 0 updated, 2 rejected")
+    assert result.stdout.startswith("1 inserted, 0 updated, 0 unchanged, 2 rejected")
     both = '{"country": ["not_a_valid_country_code"], "name": ["value_is_mandatory"]}'
     assert f"line 4: rejected: {both}" in result.stderr
     assert 'line 5: rejected: {"_row": ["too_many_cells"]}' in result.stderr
@@ -244,11 +244,11 @@ def test_rerunning_the_same_file_is_harmless(runner, tmp_path, db_path):
         tmp_path / "in.jsonl", [{"customer_id": f"c{i}", "name": "N"} for i in range(50)]
     )
     assert invoke(runner, "import", path, "--batch-size", "7").stdout.startswith("50 inserted")
-    before = [{**r, "updated_at": None} for r in rows(db_path)]
+    before = rows(db_path)
     again = invoke(runner, "import", path, "--batch-size", "7")
     assert again.exit_code == 0
-    assert again.stdout.startswith("0 inserted, 50 updated, 0 rejected")
-    assert [{**r, "updated_at": None} for r in rows(db_path)] == before
+    assert again.stdout.startswith("0 inserted, 0 updated, 50 unchanged, 0 rejected")
+    assert rows(db_path) == before  # updated_at kept: the rows changed nothing
 
 
 def test_a_restored_lago_id_that_another_customer_has_is_rejected(runner, client, tmp_path):
@@ -263,7 +263,7 @@ def test_a_restored_lago_id_that_another_customer_has_is_rejected(runner, client
     )
     result = invoke(runner, "import", path)
     assert result.exit_code == 1
-    assert result.stdout.startswith("2 inserted, 0 updated, 1 rejected")
+    assert result.stdout.startswith("2 inserted, 0 updated, 0 unchanged, 1 rejected")
     assert 'line 2: rejected: {"lago_id": ["lago_id_taken"]}' in result.stderr
 
 
@@ -272,7 +272,7 @@ def test_jobs_give_the_same_result(runner, tmp_path, db_path, jobs):
     items = [{"customer_id": f"c{i % 30}", "name": f"N{i}"} for i in range(100)]
     path = write_jsonl(tmp_path / "in.jsonl", items)
     result = invoke(runner, "import", path, "--jobs", jobs, "--batch-size", "9")
-    assert result.stdout.startswith("30 inserted, 70 updated, 0 rejected")
+    assert result.stdout.startswith("30 inserted, 70 updated, 0 unchanged, 0 rejected")
     last_names = {f"c{k}": f"N{90 + k if k < 10 else 60 + k}" for k in range(30)}
     assert {r["customer_id"]: r["name"] for r in rows(db_path)} == last_names
 
@@ -368,7 +368,9 @@ def test_a_killed_import_leaves_only_whole_batches_and_a_rerun_finishes(tmp_path
     rerun = import_process(tmp_path, db_path, source, stdout=subprocess.PIPE, text=True)
     out, _ = rerun.communicate(timeout=120)
     assert rerun.returncode == 0
-    assert out.startswith(f"{30_000 - count:,} inserted, {count:,} updated, 0 rejected")
+    assert out.startswith(
+        f"{30_000 - count:,} inserted, 0 updated, {count:,} unchanged, 0 rejected"
+    )
 
 
 def test_ctrl_c_keeps_committed_batches_and_says_so(tmp_path, db_path):

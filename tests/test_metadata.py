@@ -278,7 +278,7 @@ def test_import_jsonl_and_csv_carry_metadata_and_merge_it(runner, client, tmp_pa
         'c5,Five,"{""bad[key]"": ""v""}"\n'
     )
     result = invoke(runner, "import", str(csv_file))
-    assert result.stdout.startswith("2 inserted, 0 updated, 2 rejected"), result.output
+    assert result.stdout.startswith("2 inserted, 0 updated, 0 unchanged, 2 rejected"), result.output
     assert 'line 4: rejected: {"metadata": ["invalid_json"]}' in result.stderr
     assert 'line 5: rejected: {"metadata": ["invalid_metadata_key"]}' in result.stderr
     assert get(client, "c2")["metadata"] == {"crm_id": "7", "plan": "pro"}
@@ -295,7 +295,7 @@ def test_a_csv_metadata_cell_is_read_as_strictly_as_a_body(runner, client, tmp_p
         'c4,Four,"{""k"": ""ok""}"\n'
     )
     result = invoke(runner, "import", str(csv_file))
-    assert result.stdout.startswith("1 inserted, 0 updated, 3 rejected"), result.output
+    assert result.stdout.startswith("1 inserted, 0 updated, 0 unchanged, 3 rejected"), result.output
     for line in (2, 3, 4):
         assert f'line {line}: rejected: {{"metadata": ["invalid_json"]}}' in result.stderr
     assert get(client, "c4")["metadata"] == {"k": "ok"}
@@ -312,7 +312,7 @@ def test_an_import_merging_past_fifty_keys_rejects_that_row_only(runner, client,
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = invoke(runner, "import", str(path))
     assert result.exit_code == 1
-    assert result.stdout.startswith("2 inserted, 0 updated, 1 rejected")
+    assert result.stdout.startswith("2 inserted, 0 updated, 0 unchanged, 1 rejected")
     assert 'line 2: rejected: {"metadata": ["too_many_metadata_keys"]}' in result.stderr
     assert len(get(client)["metadata"]) == 30
     assert get(client, "a")["metadata"] == {"x": "1"}

@@ -46,6 +46,10 @@ def test_document_needs_no_key_and_the_api_does(client):
         assert document["paths"][path]["get"]["security"] == []
 
 
+# The page's files, and the redirect of /docs/ to the page: not operations of the API.
+NOT_OPERATIONS = {"customers.docs_asset", "customers.docs_with_slash"}
+
+
 def test_every_route_is_in_the_document(app, client):
     document = client.get("/api/v1/openapi.json").get_json()
     documented = {
@@ -56,7 +60,7 @@ def test_every_route_is_in_the_document(app, client):
     routes = {
         (rule.rule.replace("<customer_id:customer_id>", "{customer_id}"), method)
         for rule in app.url_map.iter_rules()
-        if rule.endpoint.startswith("customers.") and rule.endpoint != "customers.docs_asset"
+        if rule.endpoint.startswith("customers.") and rule.endpoint not in NOT_OPERATIONS
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert routes == documented
@@ -232,3 +236,10 @@ def test_the_webhooks_are_documented_with_their_headers_and_body(client):
         assert headers == {"X-Lago-Unique-Key", "X-Lago-Signature-Algorithm", "X-Lago-Signature"}
     event = document["components"]["schemas"]["Event"]
     assert event["properties"]["customer"]["$ref"] == "#/components/schemas/Customer"
+
+
+def test_docs_with_a_slash_redirects_to_the_page(client):
+    response = client.get("/docs/")
+    assert response.status_code == 308
+    assert response.headers["Location"] == "/docs"
+    assert client.get("/docs/", follow_redirects=True).status_code == 200

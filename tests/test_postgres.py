@@ -243,7 +243,7 @@ def test_export_from_sqlite_piped_into_import_on_postgres_moves_every_column(pos
     exported.wait(timeout=60)
     assert exported.returncode == 0
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.startswith("250 inserted, 0 updated, 0 rejected")
+    assert imported.stdout.startswith("250 inserted, 0 updated, 0 unchanged, 0 rejected")
     before = flask_command(sqlite_env, "export").stdout.splitlines()
     after = flask_command(pg_env, "export").stdout.splitlines()
     assert len(before) == 250

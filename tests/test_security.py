@@ -17,6 +17,7 @@ PUBLIC = {
     "customers.health",
     "customers.openapi_document",
     "customers.docs",
+    "customers.docs_with_slash",
     "customers.docs_asset",
 }
 NOT_LETTING_IN = [

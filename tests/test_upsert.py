@@ -326,7 +326,12 @@ def test_missing_or_wrong_key_is_401(client, headers):
     response = post_customer(client, SEED, headers=headers)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
-    assert response.get_json() == error_body(401, "Unauthorized", "unauthorized")
+    assert response.get_json() == error_body(
+        401,
+        "Unauthorized",
+        "unauthorized",
+        message="send an API key in the header Authorization: Bearer <key>",
+    )
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR"])
