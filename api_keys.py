@@ -22,7 +22,7 @@ PUBLIC_ENDPOINTS = {
     "customers.docs_with_slash",
     "customers.docs_asset",
 }
-KEY_PREFIX_LENGTH = 12
+KEY_PREFIX_LENGTH = 8  # the most of a key shown after it was made (contract)
 HOW_TO_SEND_A_KEY = "send an API key in the header Authorization: Bearer <key>"
 
 _key_file_cache: dict[str, tuple[tuple, list[str]]] = {}

@@ -20,6 +20,7 @@ from marshmallow import ValidationError
 from customers_service import schemas
 from customers_service.backends.shared import UPSERT_PARAMS, sent_fields, upsert_params
 from customers_service.body import parse_json
+from customers_service.logs import say
 from customers_service.responses import ApiError
 from customers_service.storage import Store, utc_now
 
@@ -190,7 +191,7 @@ class ImportReport:
     def reject(self, number: int, raw, errors: dict) -> None:
         """Report one refused row, with its line number and error codes."""
         self.rejected += 1
-        click.echo(f"line {number}: rejected: {json.dumps(errors, sort_keys=True)}", err=True)
+        say(f"line {number}: rejected: {json.dumps(errors, sort_keys=True)}", line=number)
         if self.rejects:
             line = {"line": number, "errors": errors, "customer": raw}
             self.rejects.write(json.dumps(line, ensure_ascii=False) + "\n")

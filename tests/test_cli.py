@@ -53,7 +53,7 @@ def test_create_list_and_revoke_api_keys(app, runner, client, tmp_path):
 
     second = invoke(runner, "create-api-key").stdout.strip()
     listed = invoke(runner, "list-api-keys").stdout
-    assert key[:12] + "..." in listed and second[:12] + "..." in listed
+    assert key[:8] + "..." in listed and second[:8] + "..." in listed
     assert key not in listed and second not in listed
 
     revoked = invoke(runner, "revoke-api-key", key[:16])
