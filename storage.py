@@ -178,6 +178,14 @@ class Backend(Protocol):
         (position, error details) of each row the database refused (a restored lago_id another
         customer has, metadata merged past 50 keys); the others are committed."""
 
+    def live_write_mark(self, conn: Any) -> float:
+        """A mark of this moment, for live_writes_since."""
+
+    def live_writes_since(self, conn: Any, mark: float) -> bool:
+        """Whether other connections wrote, or waited to write, since ``mark``: an import
+        pauses after such a batch, so live writers get their turn, and otherwise goes on at
+        full speed. This connection's own one transaction in between does not count."""
+
     def check_health(self, conn: Any, min_free_bytes: int) -> None:
         """Raise the backend's Error unless the database takes a tiny, durable write and (for a
         database file) its disk keeps ``min_free_bytes`` free."""

@@ -7,6 +7,8 @@ from customers_service.backends.postgres.connections import (
     Error,
     check_health,
     fault,
+    live_write_mark,
+    live_writes_since,
     where,
 )
 from customers_service.backends.postgres.customers import (
@@ -51,6 +53,8 @@ __all__ = [
     "import_batch",
     "list_customers",
     "list_webhooks",
+    "live_write_mark",
+    "live_writes_since",
     "prune_events",
     "release_deliveries",
     "release_some",

@@ -64,6 +64,22 @@ def fault(error: BaseException) -> tuple[str, str] | None:
 SECRET_PARAMETERS = ("password", "sslpassword")
 
 
+# The next transaction id the server will hand out: only a transaction that writes takes one.
+NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax"
+
+
+def live_write_mark(conn: psycopg.Connection) -> float:
+    """Backend.live_write_mark: the next transaction id."""
+    return conn.execute(NEXT_XID).fetchone()["xmax"]
+
+
+def live_writes_since(conn: psycopg.Connection, mark: float) -> bool:
+    """Backend.live_writes_since: whether transactions other than this connection's one since
+    the mark wrote (took an id). Row locks keep live writers from waiting on an import, but
+    they share the CPU with it."""
+    return conn.execute(NEXT_XID).fetchone()["xmax"] - mark > 1
+
+
 def where(location: str) -> str:
     """The database's URL as messages name it: without its passwords (safe_url)."""
     return safe_url(location)

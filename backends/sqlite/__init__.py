@@ -6,6 +6,8 @@ from customers_service.backends.sqlite.connections import (
     Error,
     check_health,
     fault,
+    live_write_mark,
+    live_writes_since,
     where,
 )
 from customers_service.backends.sqlite.customers import (
@@ -50,6 +52,8 @@ __all__ = [
     "import_batch",
     "list_customers",
     "list_webhooks",
+    "live_write_mark",
+    "live_writes_since",
     "prune_events",
     "release_deliveries",
     "release_some",

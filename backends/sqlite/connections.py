@@ -6,12 +6,14 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
 from customers_service.backends.shared import BUSY, UNAVAILABLE
 from customers_service.backends.sqlite.schema import MIGRATIONS, migrate, schema_version
 from customers_service.backends.sqlite.wal_sync import WalSync
+from customers_service.backends.sqlite.writer_waits import WAITED, WriterWaits
 from customers_service.storage import utc_now
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
@@ -41,11 +43,13 @@ class Connection(sqlite3.Connection):
 
     path = ""
     durability: "WalSync | None" = None  # set when synchronous is FULL: write() uses it
+    waits: "WriterWaits | None" = None  # set for a file: write_alone notes a wait for the lock
 
     def close(self) -> None:
-        if self.durability is not None:
-            self.durability.close()
-            self.durability = None
+        for shared in (self.durability, self.waits):
+            if shared is not None:
+                shared.close()
+        self.durability = self.waits = None
         super().close()
 
 
@@ -67,6 +71,8 @@ def connect(
         conn.execute("PRAGMA foreign_keys = ON")
         if synchronous == "FULL" and path != ":memory:":
             conn.durability = WalSync(path)
+        if path != ":memory:":
+            conn.waits = WriterWaits(path)
     except OSError as e:  # the folder went away under us, say
         conn.close()
         raise DatabaseMissing(f"the database's folder is unusable: {e.strerror}") from None
@@ -159,12 +165,15 @@ def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
         with write(conn):
             return conn.execute(sql, params).fetchall()
     previous, changes = conn.isolation_level, conn.total_changes
+    started = time.monotonic()
     try:
         conn.isolation_level = None  # commits what is open: nothing, as just checked
         # fetchall steps to the end: SQLite commits there, and a failed commit raises here.
         rows = conn.execute(sql, params).fetchall()
     finally:
         conn.isolation_level = previous
+        if time.monotonic() - started > WAITED and conn.waits is not None:
+            conn.waits.note()  # an import that holds the lock pauses after its batch
     if conn.total_changes != changes:  # a statement that wrote nothing has nothing to sync
         make_durable(conn)
     return rows
@@ -186,6 +195,17 @@ def _create_private_file(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
+
+
+def live_write_mark(conn: Connection) -> float:
+    """Backend.live_write_mark: the monotonic clock's time."""
+    return time.monotonic()
+
+
+def live_writes_since(conn: Connection, mark: float) -> bool:
+    """Backend.live_writes_since: whether a writer waited for the lock since the mark (SQLite
+    has one writer at a time: the others that came while a batch held the lock waited)."""
+    return conn.waits is not None and conn.waits.since(mark)
 
 
 def where(location: str) -> str:

@@ -100,7 +100,8 @@ FROM customers ORDER BY id
 """
 
 
-# Seconds an import pauses after each batch, per second the batch's transaction took. SQLite has
+# Seconds an import pauses after a batch during which a live writer waited for the lock
+# (live_writes_since), per second the batch's transaction took. SQLite has
 # one write lock, and its busy handler lets a writer that retries at once (the import) win over
 # the service's writers, which sleep between tries: pausing as long as it wrote gives them the
 # lock, while the import's worker processes go on checking the next batches, so the import keeps
