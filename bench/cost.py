@@ -1,6 +1,6 @@
 """What a request costs, exactly: instructions (callgrind) and system calls (strace) per request
-for the echo baseline, an insert, an update, GET one and list page 1, the WSGI apps called
-in-process.
+for the echo baseline, an insert, an update (a new name), a no-op (the customer as stored: it
+writes nothing), GET one and list page 1, the WSGI apps called in-process.
 
     .venv/bin/python bench/cost.py [--backends sqlite postgres] [--warm-up 300] [--requests 500]
     .venv/bin/python bench/cost.py --backends sqlite --config CUSTOMERS_METRICS=false
@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 
 from versions import add_worktree, remove_worktree, shim  # noqa: E402
 
-PHASES = ("echo", "insert", "update", "get", "list")
+PHASES = ("echo", "insert", "update", "no-op", "get", "list")
 # An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
 # load, the store's upsert (parameters, SQL, the row back as a dict), the response's JSON.
 # What an insert costs beyond them is Flask's and Werkzeug's machinery and the hooks.
@@ -90,7 +90,12 @@ def requests_of(phase, n, offset):
     if phase == "insert":
         return service, [environ("POST", "/api/v1/customers", customer(f"new-{offset + i}"))
                          for i in range(n)]
-    if phase == "update":
+    if phase == "update":  # a new name each time: a write
+        return service, [environ("POST", "/api/v1/customers",
+                                 {"customer": {**customer(f"old-{(offset + i) % 1000}")["customer"],
+                                               "name": f"Renamed {offset + i}"}})
+                         for i in range(n)]
+    if phase == "no-op":  # the customer as stored: nothing to write
         return service, [environ("POST", "/api/v1/customers",
                                  customer(f"old-{(offset + i) % 1000}")) for i in range(n)]
     if phase == "get":
