@@ -95,9 +95,9 @@ def requests_of(phase, n, offset):
                                  {"customer": {**customer(f"old-{(offset + i) % 1000}")["customer"],
                                                "name": f"Renamed {offset + i}"}})
                          for i in range(n)]
-    if phase == "no-op":  # the customer as stored: nothing to write
-        return service, [environ("POST", "/api/v1/customers",
-                                 customer(f"old-{(offset + i) % 1000}")) for i in range(n)]
+    if phase == "no-op":  # each customer the insert phase stored, as it stored it
+        return service, [environ("POST", "/api/v1/customers", customer(f"new-{offset + i}"))
+                         for i in range(n)]
     if phase == "get":
         return service, [environ("GET", f"/api/v1/customers/old-{(offset + i) % 1000}")
                          for i in range(n)]
