@@ -86,6 +86,24 @@ def sent_fields(params: Mapping) -> dict:
     return fields
 
 
+def holds_sent(customer: dict | None, fields: Mapping) -> bool:
+    """Whether a stored customer holds every value an upsert sent (its metadata patch merged):
+    what an upsert that changed nothing may answer without looking again."""
+    if customer is None:
+        return False
+    for field, value in fields.items():
+        if field == "metadata":
+            stored = customer["metadata"]
+            if value is None:
+                if stored:
+                    return False
+            elif any(stored.get(key) != sent for key, sent in value.items()):
+                return False
+        elif field in FIELDS and customer[field] != value:
+            return False
+    return True
+
+
 def prune_oldest(
     oldest: Callable[[int], list[tuple[int, float]]],
     remove_up_to: Callable[[int], None],

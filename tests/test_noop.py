@@ -161,3 +161,30 @@ def test_concurrent_no_ops_and_changes_lose_and_hide_nothing(app):
     stored = client.get("/api/v1/customers/race", headers=AUTH).get_json()["customer"]
     assert names[-1] == stored["name"]
     assert 1 < len(names) <= 1 + len(answers)
+
+
+def test_a_change_between_the_check_and_the_read_is_undone_by_the_request(app, monkeypatch):
+    """A no-op's check, then another request's change, then the read: the read no longer holds
+    what was sent, so the request runs again and makes its change (nothing hidden)."""
+    client = app.test_client()
+    post_customer(client, {"customer_id": "c", "name": "A"})
+    module = postgres_customers if app.config.get("CUSTOMERS_DATABASE_URL") else sqlite_customers
+    read = module.get_customer
+
+    def changed_meanwhile(conn, customer_id):
+        monkeypatch.setattr(module, "get_customer", read)
+        assert (
+            post_customer(app.test_client(), {"customer_id": "c", "name": "B"}).status_code == 200
+        )
+        return read(conn, customer_id)
+
+    monkeypatch.setattr(module, "get_customer", changed_meanwhile)
+    response = post_customer(client, {"customer_id": "c", "name": "A"})
+    assert response.get_json()["customer"]["name"] == "A"
+    assert module.get_customer is read  # the change came between the check and the read
+    names = [(e["webhook_type"], e["customer"]["name"]) for e in all_events(client)]
+    assert names == [
+        ("customer.created", "A"),
+        ("customer.updated", "B"),
+        ("customer.updated", "A"),
+    ]

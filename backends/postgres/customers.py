@@ -9,7 +9,7 @@ import psycopg
 import psycopg.errors
 
 from customers_service.backends.postgres.schema import AS_TEXT
-from customers_service.backends.shared import FOLDED, INSERTED, upsert_params
+from customers_service.backends.shared import FOLDED, INSERTED, holds_sent, upsert_params
 from customers_service.storage import (
     COLUMNS,
     OPTIONAL_FIELDS,
@@ -118,14 +118,18 @@ def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
     One statement in autocommit is its own transaction: execute() returns only once the server
     has committed it (after the result, PostgreSQL commits, then says it is ready), so the row
     it returns is durable, in one round trip instead of three. A statement that changed nothing
-    returns no row: it is then run again in a transaction, where it locks the customer's row
-    before the read, so the customer answered is the one it checked (and a change that came in
-    between is made now).
+    returns no row, and the customer is read: if it still holds every value sent, that is the
+    answer. If a change came in between, the statement runs again in a transaction, where it
+    locks the customer's row before the read, so the customer answered is the one it checked
+    (and the change it would have made is made now).
     """
     params = upsert_params(fields, utc_now())
     try:
         row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
         if row is None:
+            stored = get_customer(conn, fields["customer_id"])
+            if holds_sent(stored, fields):
+                return stored
             with conn.transaction():
                 row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
                 row = row or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchone()

@@ -10,7 +10,13 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from operator import itemgetter
 
-from customers_service.backends.shared import FOLDED, INSERTED, UPSERT_PARAMS, upsert_params
+from customers_service.backends.shared import (
+    FOLDED,
+    INSERTED,
+    UPSERT_PARAMS,
+    holds_sent,
+    upsert_params,
+)
 from customers_service.backends.sqlite.connections import make_durable, write, write_alone
 from customers_service.storage import (
     COLUMNS,
@@ -144,15 +150,19 @@ def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
     """Backend.upsert_customer: one numbered statement, its own transaction (write_alone); the
     metadata limit is a trigger's.
 
-    A statement that changed nothing returns no row. It is then run again holding the write
-    lock, with the read of the customer, so the customer answered is the one it checked (and a
-    change that came in between is made now).
+    A statement that changed nothing returns no row, and the customer is read: if it still holds
+    every value sent, that is the answer. If a change came in between, the statement runs again
+    holding the write lock, with the read, so the customer answered is the one it checked (and
+    the change it would have made is made now).
     """
     params = in_upsert_order(upsert_params(fields, utc_now()))
     with metadata_refused():
         rows = write_alone(conn, UPSERT_NUMBERED, params)
         if rows:
             return customer_from_row(rows[0])
+        stored = get_customer(conn, fields["customer_id"])
+        if holds_sent(stored, fields):
+            return stored
         changes = conn.total_changes
         with conn:
             begin_write(conn)
