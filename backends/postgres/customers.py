@@ -68,16 +68,6 @@ UPSERT_COUNTED = UPSERT_MANY + "RETURNING (xmax = 0) AS inserted"
 
 SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = %s"
 
-# The upsert and, when it wrote nothing, the customer as the statement's snapshot holds it: one
-# round trip either way. SQLite reads a no-op's customer with a second statement.
-UPSERT_OR_READ = f"""
-WITH written AS ({UPSERT_CUSTOMER})
-SELECT true AS written, * FROM written
-UNION ALL
-SELECT false, {SELECTED} FROM customers
-WHERE customer_id = %(customer_id)s AND NOT EXISTS (SELECT FROM written)
-"""
-
 DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = %s RETURNING {SELECTED}"
 
 # SQLite reads the count and the page in one read transaction; here one statement, one snapshot.
@@ -128,17 +118,16 @@ def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
     One statement in autocommit is its own transaction: execute() returns only once the server
     has committed it (after the result, PostgreSQL commits, then says it is ready), so the row
     it returns is durable, in one round trip instead of three. A statement that changed nothing
-    reads the customer instead (UPSERT_OR_READ): if it holds every value sent, that is the
+    returns no row, and the customer is read: if it still holds every value sent, that is the
     answer. If a change came in between, the statement runs again in a transaction, where it
     locks the customer's row before the read, so the customer answered is the one it checked
     (and the change it would have made is made now).
     """
     params = upsert_params(fields, utc_now())
     try:
-        row = conn.execute(UPSERT_OR_READ, params).fetchone()
-        written = row is not None and row.pop("written")
-        if not written:
-            stored = customer_from_row(row) if row is not None else None
+        row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
+        if row is None:
+            stored = get_customer(conn, fields["customer_id"])
             if holds_sent(stored, fields):
                 return stored
             with conn.transaction():
