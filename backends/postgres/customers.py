@@ -115,21 +115,22 @@ def refusal(error: psycopg.IntegrityError) -> dict:
 def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
     """Backend.upsert_customer: the metadata limit is a CHECK constraint.
 
-    One statement in autocommit is its own transaction: execute() returns only once the server
-    has committed it (after the result, PostgreSQL commits, then says it is ready), so the row
-    it returns is durable, in one round trip instead of three. A statement that changed nothing
-    returns no row, and the customer is read: if it still holds every value sent, that is the
-    answer. If a change came in between, the statement runs again in a transaction, where it
-    locks the customer's row before the read, so the customer answered is the one it checked
-    (and the change it would have made is made now).
+    The customer is read first: when it already holds every value sent, that is the answer, and
+    nothing that writes or locks runs (a no-op upsert here would lock the row, which writes to
+    the WAL). Otherwise one statement in autocommit is its own transaction: execute() returns
+    only once the server has committed it, so the row it returns is durable, in one round trip
+    instead of three; its WHERE makes the check and the write one. When another request made
+    the customer hold what was sent in between, it returns no row, and runs again in a
+    transaction, where it locks the row before the read, so the customer answered is the one
+    it checked.
     """
+    stored = get_customer(conn, fields["customer_id"])
+    if holds_sent(stored, fields):
+        return stored
     params = upsert_params(fields, utc_now())
     try:
         row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
         if row is None:
-            stored = get_customer(conn, fields["customer_id"])
-            if holds_sent(stored, fields):
-                return stored
             with conn.transaction():
                 row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
                 row = row or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchone()
