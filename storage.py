@@ -7,6 +7,7 @@ import functools
 import importlib
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 FIELDS = (
@@ -32,6 +33,29 @@ COLUMNS = ("lago_id", *FIELDS, "metadata", "created_at", "updated_at")  # a cust
 SEARCHED = ("customer_id", "name", "legal_name", "email")
 LARGEST_SEQUENCE = 2**63 - 1  # the largest integer of every backend
 BACKENDS = ("sqlite", "postgres")  # the packages of backends/
+
+# What a copy moves (commands.py's copy, copying.py), in the order it moves them: each kind's
+# values in a row, its key first (KEY_WIDTH of them: the rows come in key order). A customer's
+# ``id`` is its place in its database's order, which the target keeps but does not store.
+# Times are text as the API writes them, metadata and an event's customer JSON text.
+COPIED = {
+    "webhook_endpoints": ("id", "url", "secret", "created_at", "last_error", "last_error_at"),
+    "customers": ("id", *COLUMNS),
+    "events": ("sequence", "id", "webhook_type", "created_at", "recorded_at", "customer"),
+    # Every delivery, due or given up, without its lease: a deliverer of the source is no
+    # deliverer of the target.
+    "webhook_deliveries": (
+        "event",
+        "endpoint",
+        "customer_id",
+        "failed",
+        "attempts",
+        "first_try",
+        "next_try",
+        "last_error",
+    ),
+}
+KEY_WIDTH = {"webhook_deliveries": 2}  # the others' key is their first value
 
 
 class TooManyMetadataKeys(Exception):
@@ -130,6 +154,11 @@ class Connections(Protocol):
 
     def close(self) -> None:
         """Close the connections this process keeps."""
+
+    def peek(self) -> Any:
+        """A connection of its own to the database as it is, at any schema version (none
+        included), that writes nothing, for a look before prepare(); the caller closes it.
+        Raise the backend's DatabaseMissing if there is no database to look at."""
 
 
 class Backend(Protocol):
@@ -240,6 +269,34 @@ class Backend(Protocol):
 
     def retry_failed(self, conn: Any, endpoint_id: str) -> int | None:
         """Queue the endpoint's failed deliveries again; how many, or None if it is unknown."""
+
+    # --- a copy between databases (copying.py) ---
+
+    def copy_snapshot(self, conn: Any) -> AbstractContextManager[None]:
+        """Hold one read snapshot for the block: every read in it sees the database as it was
+        when the block began, whatever is committed meanwhile."""
+
+    def copy_contents(self, conn: Any) -> dict:
+        """What the database holds, read on any connection (one of Connections.peek, at any
+        schema version, included): ``identity`` (equal for two connections to one database,
+        whatever their path or URL), ``counts`` (the rows of each kind of COPIED, 0 for a table
+        not there yet), ``pruned`` (the events' pruned mark), ``last_sequence`` (the largest
+        event sequence it has given out, 0 for none) and ``progress`` (what write_copied last
+        recorded of an unfinished copy into it, or None)."""
+
+    def copy_rows(self, conn: Any, kind: str, after: list | None, limit: int) -> list[tuple]:
+        """Up to ``limit`` rows of a kind of COPIED whose key is above ``after`` (None: from
+        the first), in key order, each the tuple of COPIED[kind]."""
+
+    def write_copied(self, conn: Any, kind: str, rows: list[tuple], progress: dict) -> None:
+        """Insert rows that copy_rows read from another database, as they are and in their
+        order, and record the copy's ``progress`` (JSON), in one durable transaction.
+        Customers record no event: their event trigger is off inside that transaction only,
+        while the others (the count, metadata pairs, search index) fire."""
+
+    def finish_copy(self, conn: Any, pruned: int, last_sequence: int) -> None:
+        """End a copy in one transaction: set the events' pruned mark, take the next event
+        sequence above ``last_sequence``, and forget the recorded progress."""
 
 
 OPERATIONS = frozenset(

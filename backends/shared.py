@@ -7,7 +7,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from customers_service.storage import FIELDS, OPTIONAL_FIELDS, REQUIRED, SEARCHED, fold
+from customers_service.storage import (
+    COPIED,
+    FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED,
+    SEARCHED,
+    fold,
+)
 
 # folded_<field> holds the field as fold() makes it, so "ignoring case" means one thing on both
 # backends, whatever the database's locale.
@@ -102,6 +109,19 @@ def holds_sent(customer: dict | None, fields: Mapping) -> bool:
         elif field in FIELDS and customer[field] != value:
             return False
     return True
+
+
+# Where each value of INSERTED is in a copied customer (storage.COPIED), and whether it is folded.
+_FROM_COPIED = tuple(
+    (COPIED["customers"].index(c.removeprefix("folded_")), c.startswith("folded_"))
+    for c in INSERTED
+)
+
+
+def copied_customer(row: tuple) -> tuple:
+    """A customer that a copy read (storage.COPIED) as the values of INSERTED, its searched
+    fields folded by fold() as an upsert folds them (upsert_params)."""
+    return tuple(fold(row[at]) if folded else row[at] for at, folded in _FROM_COPIED)
 
 
 def prune_oldest(

@@ -11,6 +11,13 @@ from customers_service.backends.postgres.connections import (
     live_writes_since,
     where,
 )
+from customers_service.backends.postgres.copying import (
+    copy_contents,
+    copy_rows,
+    copy_snapshot,
+    finish_copy,
+    write_copied,
+)
 from customers_service.backends.postgres.customers import (
     IMPORT_PAUSE,
     count_customers,
@@ -43,11 +50,15 @@ __all__ = [
     "add_webhook",
     "check_health",
     "claim_deliveries",
+    "copy_contents",
+    "copy_rows",
+    "copy_snapshot",
     "count_customers",
     "delete_customer",
     "events_page",
     "export_lines",
     "fault",
+    "finish_copy",
     "finish_deliveries",
     "get_customer",
     "import_batch",
@@ -64,4 +75,5 @@ __all__ = [
     "upsert_customer",
     "webhook_status",
     "where",
+    "write_copied",
 ]

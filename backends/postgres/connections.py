@@ -182,6 +182,11 @@ class Connections:
         """A connection of its own, for a command; the caller closes it."""
         return connect_ready(self.url, self.statement_timeout)
 
+    def peek(self) -> psycopg.Connection:
+        """A connection of its own, whatever the schema's version; the caller closes it. Only
+        what it is asked to run is run (commands' connections are autocommit)."""
+        return connect(self.url, self.statement_timeout)
+
     def acquire(self) -> psycopg.Connection:
         """A connection from this process's pool."""
         pid = os.getpid()  # once: each call is a system call

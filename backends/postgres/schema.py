@@ -174,6 +174,13 @@ MIGRATIONS = (
                 RETURN NULL;
             END $$""",
     ),
+    (
+        # SQLite: the same table. A copy records how far it got, batch by batch (copying.py).
+        """CREATE TABLE copy_progress (
+            id integer PRIMARY KEY CHECK (id = 1),
+            progress text NOT NULL
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"

@@ -10,6 +10,13 @@ from customers_service.backends.sqlite.connections import (
     live_writes_since,
     where,
 )
+from customers_service.backends.sqlite.copying import (
+    copy_contents,
+    copy_rows,
+    copy_snapshot,
+    finish_copy,
+    write_copied,
+)
 from customers_service.backends.sqlite.customers import (
     IMPORT_PAUSE,
     count_customers,
@@ -42,11 +49,15 @@ __all__ = [
     "add_webhook",
     "check_health",
     "claim_deliveries",
+    "copy_contents",
+    "copy_rows",
+    "copy_snapshot",
     "count_customers",
     "delete_customer",
     "events_page",
     "export_lines",
     "fault",
+    "finish_copy",
     "finish_deliveries",
     "get_customer",
     "import_batch",
@@ -63,4 +74,5 @@ __all__ = [
     "upsert_customer",
     "webhook_status",
     "where",
+    "write_copied",
 ]

@@ -257,6 +257,23 @@ class Connections:
         """A connection of its own, for a command; the caller closes it."""
         return connect_ready(self.path, synchronous=self.synchronous, timeout=self.timeout)
 
+    def peek(self) -> Connection:
+        """A read-only connection of its own to the file as it is, pragmas untouched; the caller
+        closes it. DatabaseMissing if there is no file."""
+        try:
+            conn = sqlite3.connect(
+                f"file:{quote(os.path.abspath(self.path))}?mode=ro",
+                timeout=self.timeout,
+                factory=Connection,
+                uri=True,
+            )
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
+                raise DatabaseMissing("the database file is missing") from None
+            raise
+        conn.path = self.path
+        return conn
+
     def acquire(self) -> Connection:
         """This thread's connection, checked to still be the file at the path."""
         cached = getattr(_thread, "connections", None)

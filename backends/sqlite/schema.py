@@ -181,6 +181,15 @@ MIGRATIONS = (
         "INSERT INTO customer_search (customer_search, rank) VALUES ('automerge', 8)",
         "INSERT INTO customer_search (customer_search, rank) VALUES ('pgsz', 2000)",
     ),
+    (
+        # A copy from another database (issue 22, copying.py) records how far it got here, in
+        # the transaction of each batch it writes, so that a rerun resumes it; the row goes
+        # when the copy is finished.
+        """CREATE TABLE copy_progress (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            progress TEXT NOT NULL
+        )""",
+    ),
 )
 
 
