@@ -1,5 +1,5 @@
-"""The operator commands, ``flask customers ...``: the database, API keys, import and export,
-webhook endpoints and their deliverer."""
+"""The operator commands, ``flask customers ...``: the database, API keys, import, export and
+copy, webhook endpoints and their deliverer."""
 
 import contextlib
 import json
@@ -30,6 +30,7 @@ from customers_service.bulk_import import (
     jsonl_rows,
     stream_size,
 )
+from customers_service.copying import BATCH_SIZE, CopyRefused, copy_database
 from customers_service.database import (
     DatabaseNotReady,
     backend,
@@ -178,6 +179,31 @@ def export_command(file) -> None:
     file.flush()
     seconds = time.monotonic() - started
     say(f"exported {count:,} customers in {seconds:.1f} s")
+
+
+@cli.command("copy")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="the database to copy: a SQLite file or a postgresql:// URL",
+)
+@click.option(
+    "--to", "target", required=True, help="the database to copy into: new, empty, or a copy's"
+)
+@click.option("--batch-size", default=BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
+def copy_command(source: str, target: str, batch_size: int) -> None:
+    """Copy the whole state of one database into an empty one, SQLite or PostgreSQL each: the
+    customers, the events, the webhook endpoints and their deliveries. A rerun after a crash
+    resumes. CUSTOMERS_DATABASE and CUSTOMERS_DATABASE_URL play no part."""
+    try:
+        copy_database(source, target, batch_size)
+    except CopyRefused as e:
+        say(str(e), refused=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        say("\ninterrupted: the same command again resumes the copy")
+        raise SystemExit(130) from None
 
 
 # --- events and webhooks ---------------------------------------------------------------------
