@@ -30,7 +30,7 @@ from customers_service.bulk_import import (
     jsonl_rows,
     stream_size,
 )
-from customers_service.copying import BATCH_SIZE, CopyRefused, copy_database
+from customers_service.copying import BATCH_SIZE, CopyFailed, copy_database
 from customers_service.database import (
     DatabaseNotReady,
     backend,
@@ -198,8 +198,8 @@ def copy_command(source: str, target: str, batch_size: int) -> None:
     resumes. CUSTOMERS_DATABASE and CUSTOMERS_DATABASE_URL play no part."""
     try:
         copy_database(source, target, batch_size)
-    except CopyRefused as e:
-        say(str(e), refused=True)
+    except CopyFailed as e:
+        say(str(e), failed=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         say("\ninterrupted: the same command again resumes the copy")

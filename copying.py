@@ -29,9 +29,9 @@ API_KEYS_NOTE = (
 )
 
 
-class CopyRefused(Exception):
-    """The copy cannot be made, or its result differs from the source; the message says why
-    and what to do."""
+class CopyFailed(Exception):
+    """The copy is refused, or stopped, or differs from its source; the message says why and
+    what to do."""
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ class Copy:
 
     def run(self) -> dict:
         """Copy, check and finish; return the rows of each kind the target holds. Raise
-        CopyRefused, having written nothing if it is a refusal to start."""
+        CopyFailed, having written nothing if it is a refusal to start."""
         say(
             f"Copying from {self.source.where} to {self.target.where}",
             source=self.source.where,
@@ -117,11 +117,11 @@ class Copy:
         return contents["counts"]
 
     def _open_source(self):
-        """The source's connection: it must be there, and migrated."""
+        """The source's connection, which writes nothing (on SQLite, read-only)."""
         try:
-            return self.source.connections.open()
+            return self.source.connections.peek()
         except self.source.backend.Error as e:
-            raise CopyRefused(f"Refused: cannot copy from {self.source.where}: {e}") from None
+            raise CopyFailed(f"Refused: cannot copy from {self.source.where}: {e}") from None
 
     def _look_at_target(self) -> dict | None:
         """What the target holds, before anything is written to it; None when there is no
@@ -133,18 +133,23 @@ class Copy:
         try:
             return self.target.backend.copy_contents(conn)
         except self.target.backend.Error as e:
-            raise CopyRefused(f"Refused: cannot read {self.target.where}: {e}") from None
+            raise CopyFailed(f"Refused: cannot read {self.target.where}: {e}") from None
         finally:
             conn.close()
 
     def _plan(self, contents: dict, held: dict | None) -> dict:
         """The progress to start from: a new copy's, or the one an earlier run recorded in the
-        target. Raise CopyRefused for a copy that must not be made."""
+        target. Raise CopyFailed for a copy that must not be made."""
         source, target = self.source.where, self.target.where
+        if not contents["migrated"]:
+            raise CopyFailed(
+                f"Refused: cannot copy from {source}: it is not a database of this version's "
+                "schema: run init-db on it first"
+            )
         if held is not None and held["identity"] == contents["identity"]:
-            raise CopyRefused(f"Refused: {source} and {target} are the same database")
+            raise CopyFailed(f"Refused: {source} and {target} are the same database")
         if contents["progress"] is not None:
-            raise CopyRefused(f"Refused: {source} holds an unfinished copy: finish that copy first")
+            raise CopyFailed(f"Refused: {source} holds an unfinished copy: finish that copy first")
         progress = None if held is None else held["progress"]
         if progress is None:
             if held is not None:
@@ -159,12 +164,12 @@ class Copy:
                 "copied": dict.fromkeys(COPIED, 0),
             }
         if progress["source"]["identity"] != contents["identity"]:
-            raise CopyRefused(
+            raise CopyFailed(
                 f"Refused: {target} holds an unfinished copy from another database "
                 f"({progress['source']['where']}): rerun that copy, or copy into an empty database"
             )
         if progress["source"]["state"] != state(contents):
-            raise CopyRefused(
+            raise CopyFailed(
                 f"Refused: {source} changed since the unfinished copy into {target} began: "
                 "stop everything that writes to the source, then copy into an empty database"
             )
@@ -181,7 +186,7 @@ class Copy:
             what = described(held["counts"])
             if held["pruned"]:
                 what += f" (and events pruned up to {held['pruned']})"
-            raise CopyRefused(
+            raise CopyFailed(
                 f"Refused: {self.target.where} already holds {what}: copy into a new or "
                 "empty database"
             )
@@ -192,11 +197,11 @@ class Copy:
             self.target.connections.prepare()
             conn = self.target.connections.open()
         except (OSError, self.target.backend.Error) as e:
-            raise CopyRefused(f"Refused: cannot prepare {self.target.where}: {e}") from None
+            raise CopyFailed(f"Refused: cannot prepare {self.target.where}: {e}") from None
         if held is None:  # nothing was there to look at: look now that it is
             try:
                 self._refuse_unless_empty(self.target.backend.copy_contents(conn))
-            except CopyRefused:
+            except CopyFailed:
                 conn.close()
                 raise
         return conn
@@ -207,15 +212,33 @@ class Copy:
             width = KEY_WIDTH.get(kind, 1)
             while True:
                 after = progress["after"][kind]
-                rows = self.source.backend.copy_rows(self.source_conn, kind, after, self.batch_size)
+                try:
+                    rows = self.source.backend.copy_rows(
+                        self.source_conn, kind, after, self.batch_size
+                    )
+                except self.source.backend.Error as e:
+                    raise self._stopped(f"cannot read {self.source.where}", e) from None
                 if not rows:
                     break
                 progress["after"][kind] = list(rows[-1][:width])
                 progress["copied"][kind] += len(rows)
-                self.target.backend.write_copied(self.target_conn, kind, rows, progress)
+                try:
+                    self.target.backend.write_copied(self.target_conn, kind, rows, progress)
+                except self.target.backend.Error as e:
+                    where = self.target.where
+                    raise self._stopped(f"{where} refused {NAMES[kind]}", e) from None
                 self.copied[kind] += len(rows)
                 if len(rows) < self.batch_size:
                     break
+
+    def _stopped(self, what: str, error: Exception) -> CopyFailed:
+        """The failure of a copy stopped half-way by a database's error."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return CopyFailed(
+            f"The copy stopped: {what}: {first_line}. The same command resumes it; if "
+            f"something else writes to {self.target.where}, stop that, then copy into an "
+            "empty database"
+        )
 
     def _check(self, contents: dict) -> None:
         """Compare the target with the source: the rows of each kind, and the customers'
@@ -224,7 +247,7 @@ class Copy:
         source_sum = checksum(source.backend.export_lines(self.source_conn))
         target_sum = checksum(target.backend.export_lines(self.target_conn))
         if state(source.backend.copy_contents(self.source_conn)) != state(contents):
-            raise CopyRefused(
+            raise CopyFailed(
                 f"The copy is not a faithful one: {source.where} changed while it was copied. "
                 "Stop everything that writes to the source, then copy into an empty database"
             )
@@ -240,12 +263,12 @@ class Copy:
                 f"customers' checksum: {source_sum} in the source, {target_sum} in the target"
             )
         if differ:
-            raise CopyRefused(f"The copy differs from the source: {'; '.join(differ)}")
+            raise CopyFailed(f"The copy differs from the source: {'; '.join(differ)}")
 
 
 def copy_database(source: str, target: str, batch_size: int = BATCH_SIZE) -> None:
     """Copy the whole state of the database at ``source`` into the one at ``target`` (each a
-    SQLite file's path or a PostgreSQL URL), and say what was copied; raise CopyRefused."""
+    SQLite file's path or a PostgreSQL URL), and say what was copied; raise CopyFailed."""
     started = time.monotonic()
     copy = Copy(source, target, batch_size)
     counts = copy.run()

@@ -279,10 +279,11 @@ class Backend(Protocol):
     def copy_contents(self, conn: Any) -> dict:
         """What the database holds, read on any connection (one of Connections.peek, at any
         schema version, included): ``identity`` (equal for two connections to one database,
-        whatever their path or URL), ``counts`` (the rows of each kind of COPIED, 0 for a table
-        not there yet), ``pruned`` (the events' pruned mark), ``last_sequence`` (the largest
-        event sequence it has given out, 0 for none) and ``progress`` (what write_copied last
-        recorded of an unfinished copy into it, or None)."""
+        whatever their path or URL), ``migrated`` (whether it has every migration step),
+        ``counts`` (the rows of each kind of COPIED, 0 for a table not there yet), ``pruned``
+        (the events' pruned mark), ``last_sequence`` (the largest event sequence it has given
+        out, 0 for none) and ``progress`` (what write_copied last recorded of an unfinished
+        copy into it, or None)."""
 
     def copy_rows(self, conn: Any, kind: str, after: list | None, limit: int) -> list[tuple]:
         """Up to ``limit`` rows of a kind of COPIED whose key is above ``after`` (None: from

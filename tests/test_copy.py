@@ -349,14 +349,68 @@ def test_the_same_postgres_database_is_refused_however_it_is_named(databases, tm
 
 def test_a_missing_or_uninitialised_source_is_refused_and_no_target_is_made(databases, tmp_path):
     target = databases("sqlite", "target")
-    missing = run_copy(tmp_path, str(tmp_path / "missing.sqlite3"), location(target))
-    assert missing.returncode == 1
-    assert "the database file is missing" in missing.stderr
     (tmp_path / "empty.sqlite3").touch()
-    empty = run_copy(tmp_path, str(tmp_path / "empty.sqlite3"), location(target))
-    assert empty.returncode == 1
-    assert "not initialised" in empty.stderr
+    for name, words in (
+        ("missing", "the database file is missing"),
+        ("empty", "not a database of this version"),
+    ):
+        source = databases("sqlite", name)
+        result = refused(tmp_path, source, target, f"Refused: cannot copy from {location(source)}")
+        assert words in result.stderr
     assert not target.sqlite_path.exists()
+    assert (tmp_path / "empty.sqlite3").read_bytes() == b""
+
+
+def test_a_source_written_to_during_the_copy_is_found_out(databases, tmp_path):
+    source = big_source(databases, tmp_path, 4000)
+    target = databases("sqlite", "target")
+    proc = copy_under_way(
+        tmp_path, source, target, 20, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    post_customer(app_on(source, tmp_path).test_client(), {"customer_id": "c000001", "name": "X"})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.splitlines()[-1] == (
+        f"The copy is not a faithful one: {source.sqlite_path} changed while it was copied. "
+        "Stop everything that writes to the source, then copy into an empty database"
+    )
+    assert held_rows(target, "copy_progress") == 1  # not finished: a rerun refuses it
+    refused(tmp_path, source, target, "changed since the unfinished copy")
+
+
+@pytest.mark.parametrize("kind", ON_BOTH)
+def test_a_target_written_to_during_the_copy_stops_it_with_a_message(databases, tmp_path, kind):
+    source = big_source(databases, tmp_path, 4000)
+    target = databases(kind, "target", migrated=False)
+    proc = copy_under_way(
+        tmp_path, source, target, 20, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    # An update records its event, numbered 1, as the service on the target would.
+    target.execute_many("UPDATE customers SET name = ? WHERE customer_id = ?", [("Y", "c000000")])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.splitlines()[-1].startswith(
+        f"The copy stopped: {location(target)} refused events: "
+    ), err
+    assert "Traceback" not in err
+    assert held_rows(target, "copy_progress") == 1
+
+
+def test_a_target_changed_between_two_runs_fails_the_checksum(databases, tmp_path):
+    source = big_source(databases, tmp_path, 400)
+    target = databases("sqlite", "target")
+    command = killed_copy(tmp_path, source, target, batch=1)
+    # A customer already copied is changed, and the event that recorded it removed: the counts
+    # stay the same.
+    target.execute_many("UPDATE customers SET name = ? WHERE customer_id = ?", [("Y", "c000000")])
+    target.execute_many("DELETE FROM events", [()])
+    rerun = subprocess.run(
+        command, cwd=ROOT, env=command_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 1
+    (message,) = [line for line in rerun.stderr.splitlines() if line.startswith("The copy")]
+    assert message.startswith("The copy differs from the source: customers' checksum: ")
+    assert held_rows(target, "copy_progress") == 1
 
 
 def big_source(databases, tmp_path, count: int) -> Backend:
@@ -396,30 +450,32 @@ def held_rows(db: Backend, table: str) -> int:
         return 0
 
 
-def killed_copy(tmp_path, source: Backend, target: Backend, batch: int) -> list[str]:
-    """A copy killed (SIGKILL) as soon as its first batch of customers is committed; its
-    command, to run again."""
+def copy_under_way(tmp_path, source: Backend, target: Backend, batch: int, **popen):
+    """A copy in its own process, returned once its first batch of customers is committed."""
     command = copy_command(location(source), location(target), "--batch-size", str(batch))
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=command_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen(command, cwd=ROOT, env=command_env(tmp_path), **popen)
     deadline = time.monotonic() + 60
     while held_rows(target, "customers") == 0:
         assert proc.poll() is None and time.monotonic() < deadline, "no batch was committed"
         time.sleep(0.002)
+    return proc
+
+
+def killed_copy(tmp_path, source: Backend, target: Backend, batch: int) -> list[str]:
+    """A copy killed (SIGKILL) as soon as its first batch of customers is committed; its
+    command, to run again."""
+    proc = copy_under_way(
+        tmp_path, source, target, batch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert held_rows(target, "copy_progress") == 1, "the copy ended before it was killed"
-    return command
+    return proc.args
 
 
 @pytest.mark.parametrize("kind", ON_BOTH)
 def test_a_copy_killed_mid_way_is_finished_by_a_rerun(databases, tmp_path, kind):
-    count, batch = 10_000, 50
+    count, batch = 3000, 30
     source = big_source(databases, tmp_path, count)
     target = databases(kind, "target", migrated=False)
     command = killed_copy(tmp_path, source, target, batch)
@@ -505,7 +561,7 @@ def test_the_password_is_never_shown(databases, tmp_path, postgres):
         assert "pa55-w0rd" not in result.stdout + result.stderr
         lines = [json.loads(line) for line in result.stderr.splitlines()]
         assert lines[0]["target"] == shown and lines[0]["message"].endswith(f"to {shown}")
-    assert lines[-1]["refused"] is True and shown in lines[-1]["message"]
+    assert lines[-1]["failed"] is True and shown in lines[-1]["message"]
     unreachable = with_password.replace(f":{postgres.port}/", ":9/")
     result = run_copy(tmp_path, location(source), unreachable)
     assert result.returncode == 1 and "pa55-w0rd" not in result.stdout + result.stderr

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psycopg
 from psycopg.rows import tuple_row
 
-from customers_service.backends.postgres.schema import AS_TEXT
+from customers_service.backends.postgres.schema import AS_TEXT, MIGRATIONS, schema_version
 from customers_service.backends.shared import INSERTED, copied_customer
 from customers_service.storage import COPIED, KEY_WIDTH
 
@@ -79,6 +79,7 @@ def copy_contents(conn: psycopg.Connection) -> dict:
     progress = one("SELECT progress FROM copy_progress", "copy_progress", None)
     return {
         "identity": ["postgres", *cursor.execute(IDENTITY).fetchone()],
+        "migrated": schema_version(conn) >= len(MIGRATIONS),
         "counts": {kind: one(f"SELECT count(*) FROM {kind}", kind, 0) for kind in COPIED},
         "pruned": one("SELECT up_to FROM events_pruned", "events_pruned", 0),
         "last_sequence": one(LAST_SEQUENCE, "events_sequence", 0),

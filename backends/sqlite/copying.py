@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from customers_service.backends.shared import INSERTED, copied_customer
 from customers_service.backends.sqlite.connections import file_identity, write
+from customers_service.backends.sqlite.schema import MIGRATIONS, schema_version
 from customers_service.storage import COPIED, KEY_WIDTH
 
 KEYS = {kind: COPIED[kind][: KEY_WIDTH.get(kind, 1)] for kind in COPIED}
@@ -80,6 +81,7 @@ def copy_contents(conn: sqlite3.Connection) -> dict:
     progress = one("SELECT progress FROM copy_progress", "copy_progress", None)
     return {
         "identity": ["sqlite", *file_identity(conn.path)],
+        "migrated": schema_version(conn) >= len(MIGRATIONS),
         "counts": {kind: one(f"SELECT count(*) FROM {kind}", kind, 0) for kind in COPIED},
         "pruned": one("SELECT up_to FROM events_pruned", "events_pruned", 0),
         "last_sequence": one(LAST_SEQUENCE, "sqlite_sequence", 0),
