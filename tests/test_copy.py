@@ -252,6 +252,10 @@ def test_the_target_answers_as_the_source_did_and_delivers_each_due_webhook_once
     assert "API keys are not copied" in result.stderr
     target_app = app_on(target, tmp_path)
     assert reads(target_app) == before
+    if target.name == "sqlite":  # metadata stored as SQLite writes it, whatever the source
+        assert target.fetch("SELECT count(*) FROM customers WHERE metadata <> json(metadata)") == [
+            (0,)
+        ]
     assert reads(source_app) == before  # the source is as it was
 
     # The target's deliverer sends each due delivery once (the leased one too, its lease gone
@@ -374,6 +378,8 @@ def test_a_source_written_to_during_the_copy_is_found_out(databases, tmp_path):
         f"The copy is not a faithful one: {source.sqlite_path} changed while it was copied. "
         "Stop everything that writes to the source, then copy into an empty database"
     )
+    # The copy read one snapshot: the target holds the source as it was when the copy began.
+    assert held_rows(target, "events") == 4000
     assert held_rows(target, "copy_progress") == 1  # not finished: a rerun refuses it
     refused(tmp_path, source, target, "changed since the unfinished copy")
 
@@ -396,20 +402,27 @@ def test_a_target_written_to_during_the_copy_stops_it_with_a_message(databases, 
     assert held_rows(target, "copy_progress") == 1
 
 
-def test_a_target_changed_between_two_runs_fails_the_checksum(databases, tmp_path):
+def test_a_target_changed_between_two_runs_fails_the_counts_and_checksum(databases, tmp_path):
     source = big_source(databases, tmp_path, 400)
     target = databases("sqlite", "target")
     command = killed_copy(tmp_path, source, target, batch=1)
-    # A customer already copied is changed, and the event that recorded it removed: the counts
-    # stay the same.
+    # A customer already copied is changed, and the event that recorded it removed, so the
+    # customers' count stays the same; an endpoint is added.
     target.execute_many("UPDATE customers SET name = ? WHERE customer_id = ?", [("Y", "c000000")])
     target.execute_many("DELETE FROM events", [()])
+    target.execute_many(
+        "INSERT INTO webhook_endpoints (id, url, secret, created_at) VALUES (?, ?, ?, ?)",
+        [("extra", "http://127.0.0.1:9/", "s", "2026-01-01T00:00:00Z")],
+    )
     rerun = subprocess.run(
         command, cwd=ROOT, env=command_env(tmp_path), capture_output=True, text=True, timeout=120
     )
     assert rerun.returncode == 1
     (message,) = [line for line in rerun.stderr.splitlines() if line.startswith("The copy")]
-    assert message.startswith("The copy differs from the source: customers' checksum: ")
+    assert message.startswith(
+        "The copy differs from the source: webhook endpoints: 0 in the source, 1 in the "
+        "target; customers' checksum: "
+    )
     assert held_rows(target, "copy_progress") == 1
 
 
