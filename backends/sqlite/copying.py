@@ -43,6 +43,10 @@ INSERT_COPIED = {
 EVENT_TRIGGER = "customers_event_created"
 TRIGGER_TEXT = "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?"
 
+# A copy writes every index of tables that grow to millions of rows: a page cache that holds
+# them (128 MiB, for this connection only) spares reading their pages again and again.
+COPY_CACHE = "PRAGMA cache_size = -131072"
+
 RECORD_PROGRESS = """
 INSERT INTO copy_progress (id, progress) VALUES (1, ?)
 ON CONFLICT (id) DO UPDATE SET progress = excluded.progress
@@ -100,6 +104,7 @@ def copy_rows(conn: sqlite3.Connection, kind: str, after: list | None, limit: in
 def write_copied(conn: sqlite3.Connection, kind: str, rows: list[tuple], progress: dict) -> None:
     """Backend.write_copied. SQLite's schema changes are transactional: the event trigger is
     back when the transaction commits, and never gone if it does not."""
+    conn.execute(COPY_CACHE)
     with write(conn):
         conn.execute("BEGIN IMMEDIATE")
         if kind == "customers":
