@@ -113,6 +113,8 @@ class Copy:
             self.target.backend.finish_copy(
                 self.target_conn, contents["pruned"], contents["last_sequence"]
             )
+        except (self.source.backend.Error, self.target.backend.Error) as e:
+            raise self._stopped("a database failed", e) from None
         finally:
             for conn in (self.source_conn, self.target_conn):
                 if conn is not None:
@@ -285,7 +287,7 @@ def copy_database(source: str, target: str, batch_size: int = BATCH_SIZE) -> Non
     counts = copy.run()
     seconds = time.monotonic() - started
     for kind in COPIED:
-        say(f"{NAMES[kind]}: {counts[kind]:,}", err=False, kind=kind, copied=counts[kind])
+        say(f"{NAMES[kind]}: {counts[kind]:,}", err=False, kind=kind, count=counts[kind])
     rows = sum(copy.copied.values())
     say(
         f"Copied {rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s); "

@@ -7,14 +7,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from customers_service.storage import (
-    COPIED,
-    FIELDS,
-    OPTIONAL_FIELDS,
-    REQUIRED,
-    SEARCHED,
-    fold,
-)
+from customers_service.storage import COPIED, FIELDS, OPTIONAL_FIELDS, REQUIRED, SEARCHED, fold
 
 # folded_<field> holds the field as fold() makes it, so "ignoring case" means one thing on both
 # backends, whatever the database's locale.
