@@ -207,10 +207,10 @@ class Backend(Protocol):
         (position, error details) of each row the database refused (a restored lago_id another
         customer has, metadata merged past 50 keys); the others are committed."""
 
-    def live_write_mark(self, conn: Any) -> float:
+    def live_write_mark(self, conn: Any) -> Any:
         """A mark of this moment, for live_writes_since."""
 
-    def live_writes_since(self, conn: Any, mark: float) -> bool:
+    def live_writes_since(self, conn: Any, mark: Any) -> bool:
         """Whether other connections wrote, or waited to write, since ``mark``: an import
         pauses after such a batch, so live writers get their turn, and otherwise goes on at
         full speed. This connection's own one transaction in between does not count."""

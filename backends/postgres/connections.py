@@ -64,20 +64,31 @@ def fault(error: BaseException) -> tuple[str, str] | None:
 SECRET_PARAMETERS = ("password", "sslpassword")
 
 
-# The next transaction id the server will hand out: only a transaction that writes takes one.
-NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax"
+# The next transaction id the server will hand out (only a transaction that writes takes one),
+# and the server's time.
+LIVE_WRITE_MARK = """
+SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax, clock_timestamp() AS at
+"""
+# Ids taken by others than this connection's one transaction, while another client of this
+# database was busy: autovacuum's ANALYZE takes ids too, and must not pause an import alone.
+LIVE_WRITES_SINCE = """
+SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint - %(xmax)s > 1 AND EXISTS (
+    SELECT 1 FROM pg_stat_activity
+    WHERE datname = current_database() AND backend_type = 'client backend'
+        AND pid <> pg_backend_pid() AND state_change >= %(at)s
+) AS wrote
+"""
 
 
-def live_write_mark(conn: psycopg.Connection) -> float:
-    """Backend.live_write_mark: the next transaction id."""
-    return conn.execute(NEXT_XID).fetchone()["xmax"]
+def live_write_mark(conn: psycopg.Connection) -> dict:
+    """Backend.live_write_mark: the next transaction id and the server's time."""
+    return conn.execute(LIVE_WRITE_MARK).fetchone()
 
 
-def live_writes_since(conn: psycopg.Connection, mark: float) -> bool:
-    """Backend.live_writes_since: whether transactions other than this connection's one since
-    the mark wrote (took an id). Row locks keep live writers from waiting on an import, but
-    they share the CPU with it."""
-    return conn.execute(NEXT_XID).fetchone()["xmax"] - mark > 1
+def live_writes_since(conn: psycopg.Connection, mark: dict) -> bool:
+    """Backend.live_writes_since: whether other clients wrote (took transaction ids) since the
+    mark. Row locks keep live writers from waiting on an import, but they share the CPU."""
+    return conn.execute(LIVE_WRITES_SINCE, mark).fetchone()["wrote"]
 
 
 def where(location: str) -> str:

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 from customers_service.backends.shared import BUSY, UNAVAILABLE
+from customers_service.backends.sqlite.live_writes import LiveWrites
 from customers_service.backends.sqlite.schema import MIGRATIONS, migrate, schema_version
 from customers_service.backends.sqlite.wal_sync import WalSync
-from customers_service.backends.sqlite.writer_waits import WAITED, WriterWaits
 from customers_service.storage import utc_now
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
@@ -43,13 +43,13 @@ class Connection(sqlite3.Connection):
 
     path = ""
     durability: "WalSync | None" = None  # set when synchronous is FULL: write() uses it
-    waits: "WriterWaits | None" = None  # set for a file: write_alone notes a wait for the lock
+    live_writes: "LiveWrites | None" = None  # set for a file: write_alone notes each write
 
     def close(self) -> None:
-        for shared in (self.durability, self.waits):
+        for shared in (self.durability, self.live_writes):
             if shared is not None:
                 shared.close()
-        self.durability = self.waits = None
+        self.durability = self.live_writes = None
         super().close()
 
 
@@ -72,7 +72,7 @@ def connect(
         if synchronous == "FULL" and path != ":memory:":
             conn.durability = WalSync(path)
         if path != ":memory:":
-            conn.waits = WriterWaits(path)
+            conn.live_writes = LiveWrites(path)
     except OSError as e:  # the folder went away under us, say
         conn.close()
         raise DatabaseMissing(f"the database's folder is unusable: {e.strerror}") from None
@@ -165,15 +165,14 @@ def write_alone(conn: sqlite3.Connection, sql: str, params) -> list:
         with write(conn):
             return conn.execute(sql, params).fetchall()
     previous, changes = conn.isolation_level, conn.total_changes
-    started = time.monotonic()
+    if conn.live_writes is not None:
+        conn.live_writes.note()  # an import that holds the lock now pauses after its batch
     try:
         conn.isolation_level = None  # commits what is open: nothing, as just checked
         # fetchall steps to the end: SQLite commits there, and a failed commit raises here.
         rows = conn.execute(sql, params).fetchall()
     finally:
         conn.isolation_level = previous
-        if time.monotonic() - started > WAITED and conn.waits is not None:
-            conn.waits.note()  # an import that holds the lock pauses after its batch
     if conn.total_changes != changes:  # a statement that wrote nothing has nothing to sync
         make_durable(conn)
     return rows
@@ -203,9 +202,9 @@ def live_write_mark(conn: Connection) -> float:
 
 
 def live_writes_since(conn: Connection, mark: float) -> bool:
-    """Backend.live_writes_since: whether a writer waited for the lock since the mark (SQLite
-    has one writer at a time: the others that came while a batch held the lock waited)."""
-    return conn.waits is not None and conn.waits.since(mark)
+    """Backend.live_writes_since: whether a live write began since the mark (SQLite has one
+    writer at a time: one that began while a batch held the lock waited for it)."""
+    return conn.live_writes is not None and conn.live_writes.since(mark)
 
 
 def where(location: str) -> str:
