@@ -1,14 +1,19 @@
-"""The benchmark: the service and a bare Flask baseline under wrk, on 127.0.0.1, in one run.
+"""The benchmark: the service, its peer and a bare Flask baseline under wrk on 127.0.0.1.
 
-    make bench                      # every scenario, 10 s each
+    make bench                      # every scenario, 10 s each, the service and the peer
     .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
     .venv/bin/python bench/run.py --backends postgres --scenarios mix get list
+    .venv/bin/python bench/run.py --peers --duration 5 --rows 1000   # the quick comparison
 
-Starts each server under gunicorn.conf.py on a fresh copy of a prefilled database, drives it with
-wrk (bench/wrk.lua varies the customer_id), and prints one line per scenario: requests per second,
-p50 and p99 latency, errors, and the ratio of its requests per second to the baseline's in the
-same run. Writes the table to bench/results/results.txt, a chart of the ratios to
-bench/results/ratios.png, and a profile of the upsert path to bench/results/profile-upsert.txt.
+Starts each server on a fresh copy of a prefilled database, drives it with wrk (bench/wrk.lua
+varies the customer_id), and prints one line per scenario: requests per second, p50 and p99
+latency, errors, and the ratio of its requests per second to the baseline's in the same run.
+The service runs under gunicorn.conf.py; the peer (bench/peers/: FastAPI, Pydantic and
+SQLAlchemy on its own table of as many rows) under bench/peers/gunicorn.conf.py, with as many
+uvicorn workers, on the same backend and the same wrk settings. Then a table of each route's
+ratio, ours and the peer's, side by side. Writes the tables to bench/results/results.txt, a
+chart of the ratios to bench/results/ratios.png, and a profile of the upsert path to
+bench/results/profile-upsert.txt.
 """
 
 import argparse
@@ -28,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
 
 from list_page import prefill  # noqa: E402
 from support.postgres_cluster import PostgresCluster  # noqa: E402
@@ -37,8 +43,10 @@ from customers_service.backends.postgres import schema as pg_schema
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "bench", "results")
+PEERS = os.path.join(ROOT, "bench", "peers")
 KEY = "bench-key"
 SCENARIOS = ("insert", "update", "mix", "get", "list")
+SERVERS = ("ours", "peer")
 
 
 def free_port() -> int:
@@ -56,12 +64,13 @@ def ensure_wrk() -> str:
 
 
 class Server:
-    """gunicorn with gunicorn.conf.py on a loopback port, stopped by its own pid."""
+    """gunicorn with its configuration (ours by default) on a loopback port, stopped by its own
+    pid."""
 
-    def __init__(self, app: str, env: dict):
+    def __init__(self, app: str, env: dict, config: str = "gunicorn.conf.py"):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+            [sys.executable, "-m", "gunicorn", "-c", config]
             + ["-b", f"127.0.0.1:{self.port}", app],
             cwd=ROOT,
             env={**os.environ, **env},
@@ -75,6 +84,13 @@ class Server:
                 break
             except OSError:
                 time.sleep(0.05)
+        # The master listens before its workers have imported the app: wait until they are idle,
+        # so that no scenario pays for a server's start (the peer's imports take longer).
+        for _ in range(120):
+            before = cpu_seconds([self.proc.pid])
+            time.sleep(0.25)
+            if cpu_seconds([self.proc.pid]) - before < 0.02:
+                break
         time.sleep(0.5)
 
     def worker_rss_mb(self) -> list[float]:
@@ -167,6 +183,36 @@ def postgres_database(cluster: PostgresCluster, rows: int) -> str:
     return url
 
 
+def peer_server(env: dict) -> Server:
+    """The peer under gunicorn's uvicorn workers, with the run's key."""
+    return Server(
+        "fastapi_customers.main:app",
+        {**env, "PEER_API_KEYS": KEY},
+        config=os.path.join(PEERS, "gunicorn.conf.py"),
+    )
+
+
+def peer_template(tmp: str, rows: int) -> str:
+    """The peer's own SQLite file, filled like template_database's."""
+    from fill import fill
+
+    path = os.path.join(tmp, f"peer-template-{rows}.sqlite3")
+    fill(f"sqlite:///{path}", rows)
+    return path
+
+
+def peer_postgres_database(cluster: PostgresCluster, rows: int) -> str:
+    """The peer's own PostgreSQL database, filled like postgres_database's; its SQLAlchemy URL."""
+    from fill import fill
+
+    name = f"peer_{rows}"
+    cluster.admin(f"DROP DATABASE IF EXISTS {name}")
+    cluster.admin(f"CREATE DATABASE {name}")
+    url = cluster.url(name).replace("postgresql://", "postgresql+psycopg://", 1)
+    fill(url, rows)
+    return url
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every process below it."""
     parents: dict[int, list[int]] = {}
@@ -227,38 +273,74 @@ def profile_upsert(tmp: str) -> None:
 
 
 def chart(lines: list[dict]) -> None:
-    """A bar chart of every scenario's ratio to the baseline, with the targets drawn in."""
+    """A bar chart of every scenario's ratio to the baseline, the peer's hatched, with the
+    targets drawn in."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['scenario']} c{r['connections']} {r['rows']:,} {r['sync']}" for r in lines]
+    labels = [
+        f"{r['scenario']} c{r['connections']} {r['rows']:,} {r['sync']} {r['server']}"
+        for r in lines
+    ]
     ratios = [r["ratio"] for r in lines]
     fig, ax = plt.subplots(figsize=(10, max(4, len(lines) * 0.28)))
     colors = {"FULL": "#4c78a8", "NORMAL": "#f58518", "PG": "#54a24b"}
-    ax.barh(labels, ratios, color=[colors[r["sync"]] for r in lines])
+    bars = ax.barh(labels, ratios, color=[colors[r["sync"]] for r in lines])
+    for bar, r in zip(bars, lines, strict=True):
+        if r["server"] == "peer":
+            bar.set_hatch("//")
     targets = ((0.5, "list"), (0.6, "upserts FULL"), (0.7, "upserts NORMAL"), (0.8, "GET one"))
     for target, label in targets:
         ax.axvline(target, linestyle="--", linewidth=0.8, color="grey")
         ax.text(target, -0.9, label, fontsize=7, ha="center")
-    ax.set_xlabel("requests per second as a ratio to the bare Flask baseline (same run)")
+    ax.set_xlabel(
+        "requests per second as a ratio to the bare Flask baseline (same run); hatched: the peer"
+    )
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "ratios.png"), dpi=110)
 
 
+def comparison(lines: list[dict]) -> list[str]:
+    """Each scenario's ratio to the echo, ours and the peer's, and ours over the peer's."""
+    ratios = {
+        (r["scenario"], r["connections"], r["rows"], r["sync"], r["server"]): r["ratio"]
+        for r in lines
+    }
+    table = []
+    for (scenario, connections, rows, label, server), ours in ratios.items():
+        peer = ratios.get((scenario, connections, rows, label, "peer"))
+        if server == "ours" and peer:
+            table.append(
+                f"{scenario:6} c{connections:<3} {rows:>9,} rows {label:6} "
+                f"ours {ours:.2f} x echo  peer {peer:.2f} x echo  ours/peer {ours / peer:.2f}"
+            )
+    return table
+
+
 def main() -> None:
-    """Run the baseline and every scenario; print and save the table, the chart and the profile."""
+    """Run the baseline and every scenario of each server; print and save the tables, the chart
+    and the profile."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 1_000_000])
-    parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
-    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--sync", nargs="+", help="FULL NORMAL (FULL with --peers)")
+    parser.add_argument("--connections", type=int, nargs="+", help="16 64 (16 with --peers)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="the quick comparison of ours and the peer: FULL and 16 connections unless given, "
+        "no profile",
+    )
     args = parser.parse_args()
+    args.sync = args.sync or (["FULL"] if args.peers else ["FULL", "NORMAL"])
+    args.connections = args.connections or ([16] if args.peers else [16, 64])
     wrk = ensure_wrk()
     os.makedirs(RESULTS, exist_ok=True)
     header = (
@@ -283,15 +365,30 @@ def main() -> None:
                 f"cpu/req {result['cpu_us']:5.0f} us",
                 flush=True,
             )
-        targets = []  # (label, rows, env, extra processes to count the CPU of)
+        # (label, rows, each server's env, extra processes to count the CPU of)
+        targets = []
         if "sqlite" in args.backends:
             templates = {rows: template_database(tmp, rows) for rows in args.rows}
+            if "peer" in args.servers:
+                peer_templates = {rows: peer_template(tmp, rows) for rows in args.rows}
             for sync in args.sync:
                 for rows in args.rows:
-                    database = os.path.join(tmp, f"run-{sync}-{rows}.sqlite3")
-                    shutil.copy(templates[rows], database)
-                    env = {"CUSTOMERS_DATABASE": database, "CUSTOMERS_SQLITE_SYNCHRONOUS": sync}
-                    targets.append((sync, rows, env, []))
+                    envs = {}
+                    if "ours" in args.servers:
+                        database = os.path.join(tmp, f"run-{sync}-{rows}.sqlite3")
+                        shutil.copy(templates[rows], database)
+                        envs["ours"] = {
+                            "CUSTOMERS_DATABASE": database,
+                            "CUSTOMERS_SQLITE_SYNCHRONOUS": sync,
+                        }
+                    if "peer" in args.servers:
+                        database = os.path.join(tmp, f"peer-{sync}-{rows}.sqlite3")
+                        shutil.copy(peer_templates[rows], database)
+                        envs["peer"] = {
+                            "PEER_DATABASE_URL": f"sqlite:///{database}",
+                            "PEER_SQLITE_SYNCHRONOUS": sync,
+                        }
+                    targets.append((sync, rows, envs, []))
         cluster = None
         try:
             if "postgres" in args.backends:
@@ -300,43 +397,61 @@ def main() -> None:
                 cluster.start()
                 postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
                 for rows in args.rows:
-                    url = postgres_database(cluster, rows)
-                    targets.append(("PG", rows, {"CUSTOMERS_DATABASE_URL": url}, [postmaster]))
-            for label, rows, env, extra in targets:
-                server = Server("wsgi:app", {**env, "CUSTOMERS_API_KEYS": KEY})
+                    envs = {}
+                    if "ours" in args.servers:
+                        envs["ours"] = {"CUSTOMERS_DATABASE_URL": postgres_database(cluster, rows)}
+                    if "peer" in args.servers:
+                        envs["peer"] = {"PEER_DATABASE_URL": peer_postgres_database(cluster, rows)}
+                    targets.append(("PG", rows, envs, [postmaster]))
+            for label, rows, envs, extra in targets:
+                # Both servers of a target run at once, idle while the other is measured, so
+                # that each scenario measures them one right after the other.
+                servers = {
+                    kind: Server("wsgi:app", {**env, "CUSTOMERS_API_KEYS": KEY})
+                    if kind == "ours"
+                    else peer_server(env)
+                    for kind, env in envs.items()
+                }
                 for connections in args.connections:
                     for scenario in args.scenarios:
-                        before = cpu_seconds([server.proc.pid, *extra])
-                        result = run_wrk(
-                            wrk, server.port, scenario, connections, args.duration, rows
-                        )
-                        cpu = cpu_seconds([server.proc.pid, *extra]) - before
-                        ratio = result["rps"] / baseline[connections]["rps"]
-                        line = {
-                            "scenario": scenario,
-                            "connections": connections,
-                            "rows": rows,
-                            "sync": label,
-                            "ratio": ratio,
-                            "cpu_us": cpu / max(result["requests"], 1) * 1e6,
-                            **result,
-                        }
-                        lines.append(line)
-                        print(
-                            f"{scenario:6} c{connections:<3} {rows:>9,} rows {label:6} "
-                            f"{result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
-                            f"p99 {result['p99']:6.2f} ms  errors {result['errors']:<4} "
-                            f"ratio {ratio:.2f}  cpu/req {line['cpu_us']:5.0f} us",
-                            flush=True,
-                        )
-                rss = " ".join(f"{mb:.0f}" for mb in server.worker_rss_mb())
-                print(f"worker RSS after {label} {rows:,}: {rss} MB", flush=True)
-                server.stop()
+                        for kind, server in servers.items():
+                            before = cpu_seconds([server.proc.pid, *extra])
+                            result = run_wrk(
+                                wrk, server.port, scenario, connections, args.duration, rows
+                            )
+                            cpu = cpu_seconds([server.proc.pid, *extra]) - before
+                            ratio = result["rps"] / baseline[connections]["rps"]
+                            line = {
+                                "server": kind,
+                                "scenario": scenario,
+                                "connections": connections,
+                                "rows": rows,
+                                "sync": label,
+                                "ratio": ratio,
+                                "cpu_us": cpu / max(result["requests"], 1) * 1e6,
+                                **result,
+                            }
+                            lines.append(line)
+                            print(
+                                f"{scenario:6} c{connections:<3} {rows:>9,} rows {label:6} "
+                                f"{kind:4} {result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
+                                f"p99 {result['p99']:6.2f} ms  errors {result['errors']:<4} "
+                                f"ratio {ratio:.2f}  cpu/req {line['cpu_us']:5.0f} us",
+                                flush=True,
+                            )
+                for kind, server in servers.items():
+                    rss = " ".join(f"{mb:.0f}" for mb in server.worker_rss_mb())
+                    print(f"worker RSS after {kind} {label} {rows:,}: {rss} MB", flush=True)
+                    server.stop()
         finally:
             if cluster is not None:
                 cluster.remove()
-        if "sqlite" in args.backends:
+        if "sqlite" in args.backends and "ours" in args.servers and not args.peers:
             profile_upsert(tmp)
+    side_by_side = comparison(lines)
+    if side_by_side:
+        print("ours and the peer, each as a ratio to the echo:")
+        print("\n".join(side_by_side))
     with open(os.path.join(RESULTS, "results.txt"), "w") as f:
         f.write(header + "\n")
         for c, result in baseline.items():
@@ -347,10 +462,13 @@ def main() -> None:
             )
         for r in lines:
             f.write(
-                f"{r['scenario']} c{r['connections']} {r['rows']} {r['sync']} {r['rps']:.0f} rps "
-                f"p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms errors {r['errors']} "
-                f"ratio {r['ratio']:.2f} cpu/req {r['cpu_us']:.0f} us\n"
+                f"{r['scenario']} c{r['connections']} {r['rows']} {r['sync']} {r['server']} "
+                f"{r['rps']:.0f} rps p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms "
+                f"errors {r['errors']} ratio {r['ratio']:.2f} cpu/req {r['cpu_us']:.0f} us\n"
             )
+        if side_by_side:
+            f.write("ours and the peer, each as a ratio to the echo:\n")
+            f.write("".join(row + "\n" for row in side_by_side))
     chart(lines)
 
 
