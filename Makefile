@@ -32,7 +32,8 @@ system-packages:
 			chromium nginx-light curl postgresql iproute2 >/dev/null; \
 	fi
 
-# By hand, never in CI: about 15 minutes of load on 127.0.0.1 (see bench/README.md).
+# By hand, never in CI: about 30 minutes of load on 127.0.0.1, the service and its FastAPI peer
+# (see bench/README.md).
 bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test,postgres,bench]'
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
