@@ -153,12 +153,15 @@ def test_a_row_locked_past_the_statement_timeout_is_503_database_busy(pg_app, po
         blocker.execute(
             "UPDATE customers SET name = 'held' WHERE customer_id = %s", (SEED["customer_id"],)
         )
-        response = post_customer(client, SEED)
+        # A change must wait for the row's lock; one that changes nothing reads and needs none.
+        response = post_customer(client, {**SEED, "name": "Changed"})
+        unchanged = post_customer(client, SEED)
         blocker.rollback()
     assert response.status_code == 503
     assert response.get_json()["code"] == "database_busy"
     assert response.headers["Retry-After"] == "1"
-    assert post_customer(client, SEED).status_code == 200
+    assert unchanged.status_code == 200
+    assert post_customer(client, {**SEED, "name": "Changed"}).status_code == 200
 
 
 @pytest.mark.postgres
