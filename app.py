@@ -40,6 +40,8 @@ from customers_service.logs import (
 from customers_service.responses import (
     RETRY_LATER,
     ApiError,
+    customer_response,
+    customers_page_response,
     error_response,
     http_error,
     json_response,
@@ -187,8 +189,8 @@ def note_database_fault(e: Exception) -> tuple[str, str] | None:
 
 
 # --- views -----------------------------------------------------------------------------------
-# Storage returns rows with exactly the customer object's keys, in its order, and JSON-ready
-# values (test_storage holds them to CustomerSchema's fields), so views send them as they are.
+# Storage returns each customer as its stored body, its object exactly as the API answers it
+# (test_stored_bytes holds it to json_response's bytes), so views send it as it is.
 
 
 def not_found() -> ApiError:
@@ -206,7 +208,7 @@ def upsert_customer():
         customer = database.get_store().upsert_customer(fields)
     except TooManyMetadataKeys:
         raise ValidationError({"metadata": ["too_many_metadata_keys"]}) from None
-    return json_response({"customer": customer})
+    return customer_response(customer)
 
 
 @bp.get(
@@ -219,7 +221,7 @@ def get_customer(customer_id: str):
     customer = database.get_store().get_customer(customer_id)
     if customer is None:
         raise not_found()
-    return json_response({"customer": customer})
+    return customer_response(customer)
 
 
 @bp.delete(
@@ -232,7 +234,7 @@ def delete_customer(customer_id: str):
     customer = database.get_store().delete_customer(customer_id)
     if customer is None:
         raise not_found()
-    return json_response({"customer": customer})
+    return customer_response(customer)
 
 
 @bp.get("/api/v1/customers", provide_automatic_options=False)
@@ -251,7 +253,7 @@ def list_customers():
         "total_pages": total_pages,
         "total_count": total,
     }
-    return json_response({"customers": customers, "meta": meta})
+    return customers_page_response(customers, meta)
 
 
 @bp.get("/api/v1/events", provide_automatic_options=False)

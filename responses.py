@@ -1,10 +1,13 @@
-"""What the API answers: JSON in the contract's key order, and the one error envelope."""
+"""What the API answers: JSON in the contract's key order (customers as their stored bodies),
+and the one error envelope."""
 
 import json
 from http import HTTPStatus
 
 from flask import Response, current_app
 from werkzeug.exceptions import ClientDisconnected, HTTPException
+
+from customers_service.storage import Customer
 
 HTTP_ERROR_CODES = {
     400: "bad_request",
@@ -39,9 +42,26 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 def json_response(body: dict, status: int = 200) -> Response:
     """``body`` as JSON with its keys in the order given (the contract's), as Flask writes it."""
-    text = _encode(body) + "\n"
+    return text_response(_encode(body) + "\n", status)
+
+
+def text_response(text: str, status: int = 200) -> Response:
+    """JSON text already written as json_response writes it, answered as it is."""
     response_class = current_app._get_current_object().response_class  # not through the proxy
     return response_class(text, status, content_type="application/json")
+
+
+def customer_response(customer: Customer) -> Response:
+    """``{"customer": ...}`` around a customer's stored body: json_response's bytes for the
+    customer's object, without building it."""
+    return text_response('{"customer":' + customer.body + "}\n")
+
+
+def customers_page_response(customers: list[Customer], meta: dict) -> Response:
+    """``{"customers": [...], "meta": {...}}``, the page's stored bodies joined: json_response's
+    bytes for the page, without building its objects."""
+    bodies = ",".join([customer.body for customer in customers])
+    return text_response('{"customers":[' + bodies + '],"meta":' + _encode(meta) + "}\n")
 
 
 def error_response(

@@ -5,6 +5,7 @@ that views and commands call, whichever backend it runs on."""
 import dataclasses
 import functools
 import importlib
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -56,6 +57,32 @@ COPIED = {
     ),
 }
 KEY_WIDTH = {"webhook_deliveries": 2}  # the others' key is their first value
+
+
+class Customer(Mapping):
+    """A customer as stored: ``body``, its JSON object as the API answers it (the keys of COLUMNS
+    in order, metadata's keys in code point order, compact, non-ASCII escaped), written with its
+    row. A view answers ``body`` as it is; anything that reads a field parses it then, once."""
+
+    __slots__ = ("body", "_fields")
+
+    def __init__(self, body: str):
+        self.body = body
+        self._fields: dict | None = None
+
+    def __getitem__(self, key: str):
+        if self._fields is None:
+            self._fields = json.loads(self.body)
+        return self._fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COLUMNS)
+
+    def __len__(self) -> int:
+        return len(COLUMNS)
+
+    def __repr__(self) -> str:
+        return f"Customer({self.body!r})"
 
 
 class TooManyMetadataKeys(Exception):
@@ -176,23 +203,24 @@ class Backend(Protocol):
         """The contract's 503 code and message for a database fault (database_busy, ...), or
         None for any other error: a refused constraint or a bad statement is a bug."""
 
-    def upsert_customer(self, conn: Any, fields: Mapping) -> dict:
+    def upsert_customer(self, conn: Any, fields: Mapping) -> Customer:
         """Create the customer, or update the keys present in ``fields``; return it as stored,
-        durable. An upsert that changes nothing writes nothing (no updated_at, no event). Raise
-        TooManyMetadataKeys, having written nothing, if the merged metadata would hold more than
-        50 keys."""
+        durable (its body written by the statement that wrote its row). An upsert that changes
+        nothing writes nothing (no updated_at, no event). Raise TooManyMetadataKeys, having
+        written nothing, if the merged metadata would hold more than 50 keys."""
 
-    def get_customer(self, conn: Any, customer_id: str) -> dict | None:
-        """The customer with that id, or None."""
+    def get_customer(self, conn: Any, customer_id: str) -> Customer | None:
+        """The customer with that id, its stored body, or None."""
 
-    def delete_customer(self, conn: Any, customer_id: str) -> dict | None:
-        """Delete the customer and return it as it was, or None if there was none."""
+    def delete_customer(self, conn: Any, customer_id: str) -> Customer | None:
+        """Delete the customer and return it as it was (its stored body), or None if there was
+        none."""
 
     def list_customers(
         self, conn: Any, page: int, per_page: int, filters: Filters
-    ) -> tuple[list[dict], int]:
-        """One page of the customers that ``filters`` select, in their order, and how many they
-        select, both from one snapshot."""
+    ) -> tuple[list[Customer], int]:
+        """One page of the customers that ``filters`` select, in their order (their stored
+        bodies), and how many they select, both from one snapshot."""
 
     def count_customers(self, conn: Any) -> int:
         """How many customers there are."""

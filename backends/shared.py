@@ -7,7 +7,15 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from customers_service.storage import COPIED, FIELDS, OPTIONAL_FIELDS, REQUIRED, SEARCHED, fold
+from customers_service.storage import (
+    COLUMNS,
+    COPIED,
+    FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED,
+    SEARCHED,
+    fold,
+)
 
 # folded_<field> holds the field as fold() makes it, so "ignoring case" means one thing on both
 # backends, whatever the database's locale.
@@ -46,6 +54,21 @@ _encode_metadata = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).e
 def metadata_json(metadata: Mapping) -> str:
     """Metadata as stored: compact JSON text."""
     return _encode_metadata(metadata) if metadata else "{}"
+
+
+# What the API answers: compact, non-ASCII as \uXXXX (responses.py encodes the same way;
+# tests/test_stored_bytes.py holds the two to each other).
+_encode_body = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def customer_body(*values: str | None) -> str:
+    """A customer's body, its JSON object as the API answers it, from its COLUMNS' values as
+    SQLite stores them (metadata as JSON text). PostgreSQL's counterpart is the SQL function
+    customers_body (backends/postgres/schema.py)."""
+    customer = dict(zip(COLUMNS, values, strict=True))
+    metadata = customer["metadata"]
+    customer["metadata"] = {} if metadata == "{}" else dict(sorted(json.loads(metadata).items()))
+    return _encode_body(customer)
 
 
 def upsert_params(fields: Mapping, now: str) -> dict:

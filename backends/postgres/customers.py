@@ -1,6 +1,6 @@
 """PostgreSQL's customers: the upsert, read, delete, list, export and import statements, each
 beside a comment naming how SQLite does it (backends/sqlite/customers.py), and the functions
-that run them on a connection."""
+that run them on a connection. Reads answer each customer's stored body (schema.MIGRATIONS)."""
 
 import json
 from collections.abc import Iterator, Mapping
@@ -13,6 +13,7 @@ from customers_service.backends.shared import FOLDED, INSERTED, holds_sent, upse
 from customers_service.storage import (
     COLUMNS,
     OPTIONAL_FIELDS,
+    Customer,
     Filters,
     TooManyMetadataKeys,
     utc_now,
@@ -61,29 +62,31 @@ ON CONFLICT (customer_id) DO UPDATE SET
 WHERE {CHANGES}
 """
 
-UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
+# The body is a generated column: the statement that writes the row writes it (SQLite's upsert
+# computes it in the statement itself).
+UPSERT_CUSTOMER = UPSERT_MANY + "RETURNING body"
 
 # xmax is 0 only in a row version this statement inserted: how an import counts its creations.
 UPSERT_COUNTED = UPSERT_MANY + "RETURNING (xmax = 0) AS inserted"
 
-SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = %s"
+SELECT_CUSTOMER = "SELECT body FROM customers WHERE customer_id = %s"
 
-DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = %s RETURNING {SELECTED}"
+DELETE_CUSTOMER = "DELETE FROM customers WHERE customer_id = %s RETURNING body"
 
 # SQLite reads the count and the page in one read transaction; here one statement, one snapshot.
 # LIMIT and OFFSET are written in as numbers: with parameters, the plan psycopg prepares after a
 # few calls is generic, and a generic LIMIT makes PostgreSQL sort the whole table. The count is
 # the counter's, or with filters a count(*) of what they select; WHERE and ORDER BY come from
 # filter_sql() and order_sql().
-SELECT_PAGE = f"""
-SELECT total.n AS total_count, page.*
-FROM ({{count}}) total
+SELECT_PAGE = """
+SELECT total.n AS total_count, page.body
+FROM ({count}) total
 LEFT JOIN LATERAL (
-    SELECT {SELECTED} FROM customers
-    WHERE {{offset:d}} < total.n  -- a page past the end reads no row (checked once)
-        AND {{where}}
-    ORDER BY {{order}}
-    LIMIT {{limit:d}} OFFSET {{offset:d}}
+    SELECT body FROM customers
+    WHERE {offset:d} < total.n  -- a page past the end reads no row (checked once)
+        AND {where}
+    ORDER BY {order}
+    LIMIT {limit:d} OFFSET {offset:d}
 ) page ON true
 """
 COUNTED = "SELECT sum(n)::bigint AS n FROM customer_count"
@@ -99,7 +102,8 @@ METADATA_CONSTRAINT = "customers_metadata_keys"
 
 
 def customer_from_row(row: dict) -> dict:
-    """A row as the customer object: its metadata's keys in code point order, as SQLite's."""
+    """A row of SELECTED as the customer object (the export's): its metadata's keys in code
+    point order, as SQLite's."""
     if len(row["metadata"]) > 1:
         row["metadata"] = dict(sorted(row["metadata"].items()))
     return row
@@ -138,23 +142,23 @@ def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
         raise
-    return customer_from_row(row)
+    return Customer(row["body"])
 
 
-def get_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
+def get_customer(conn: psycopg.Connection, customer_id: str) -> Customer | None:
     """Backend.get_customer (an id with NUL, which PostgreSQL's text cannot hold: None)."""
     if "\0" in customer_id:
         return None
     row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
-    return customer_from_row(row) if row else None
+    return Customer(row["body"]) if row else None
 
 
-def delete_customer(conn: psycopg.Connection, customer_id: str) -> dict | None:
+def delete_customer(conn: psycopg.Connection, customer_id: str) -> Customer | None:
     """Backend.delete_customer: one statement in autocommit, as the upsert."""
     if "\0" in customer_id:
         return None
     row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
-    return customer_from_row(row) if row else None
+    return Customer(row["body"]) if row else None
 
 
 def like_pattern(text: str) -> str:
@@ -196,7 +200,7 @@ def order_sql(filters: Filters) -> str:
 
 def list_customers(
     conn: psycopg.Connection, page: int, per_page: int, filters
-) -> tuple[list[dict], int]:
+) -> tuple[list[Customer], int]:
     """Backend.list_customers: the count and the page in one statement, one snapshot."""
     offset = (page - 1) * per_page
     where, params = filter_sql(filters)
@@ -214,11 +218,8 @@ def list_customers(
     # the customers have want different plans.
     rows = conn.execute(statement, params, prepare=False if filters.any() else None).fetchall()
     total = rows[0]["total_count"] or 0
-    customers = [row for row in rows if row["lago_id"] is not None]  # a page past the end: none
-    for row in customers:
-        del row["total_count"]
-        customer_from_row(row)
-    return customers, total
+    # A page past the end: one row, without a body.
+    return [Customer(row["body"]) for row in rows if row["body"] is not None], total
 
 
 def count_customers(conn: psycopg.Connection) -> int:

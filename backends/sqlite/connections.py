@@ -10,11 +10,16 @@ import time
 from collections.abc import Iterator
 from urllib.parse import quote
 
-from customers_service.backends.shared import BUSY, UNAVAILABLE
+from customers_service.backends.shared import BUSY, UNAVAILABLE, customer_body
 from customers_service.backends.sqlite.live_writes import LiveWrites
-from customers_service.backends.sqlite.schema import MIGRATIONS, migrate, schema_version
+from customers_service.backends.sqlite.schema import (
+    CUSTOMER_JSON,
+    MIGRATIONS,
+    migrate,
+    schema_version,
+)
 from customers_service.backends.sqlite.wal_sync import WalSync
-from customers_service.storage import utc_now
+from customers_service.storage import COLUMNS, utc_now
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 PROBE_WRITE = "UPDATE health_probe SET checked_at = ? WHERE id = 1"
@@ -113,6 +118,8 @@ def _open(path: str, timeout: float, create: bool) -> Connection:
         raise
     conn.path = path
     conn.row_factory = sqlite3.Row
+    # The upsert, the import and the migration write bodies with it (schema.BODY reads them).
+    conn.create_function(CUSTOMER_JSON, len(COLUMNS), customer_body, deterministic=True)
     return conn
 
 

@@ -1,10 +1,10 @@
 """SQLite's customers: the upsert, read, delete, list (its filters and their plans), export
-and import statements, and the functions that run them on a connection.
+and import statements, and the functions that run them on a connection. Reads answer each
+customer's stored body (schema.BODY).
 backends/postgres/customers.py holds their PostgreSQL counterparts."""
 
 import contextlib
 import dataclasses
-import json
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -18,22 +18,38 @@ from customers_service.backends.shared import (
     upsert_params,
 )
 from customers_service.backends.sqlite.connections import make_durable, write, write_alone
+from customers_service.backends.sqlite.schema import BODY, body_sql
 from customers_service.storage import (
     COLUMNS,
     OPTIONAL_FIELDS,
+    Customer,
     Filters,
     TooManyMetadataKeys,
     utc_now,
 )
 
-SELECTED = ", ".join(COLUMNS)
+SELECTED = ", ".join(COLUMNS)  # a customer's columns, in order (its body is made from them)
 
-KEEP_ABSENT = ", ".join(
-    f"{column} = iif(:set_{f}, excluded.{column}, {column})"
-    for f in OPTIONAL_FIELDS
-    for column in (f, f"folded_{f}")
-    if column in INSERTED
-)
+# The value each column takes when the upsert updates a customer. A key absent from the request
+# keeps the stored value: its :set_<field> flag is 0. lago_id and created_at are only ever
+# written by the insert. Metadata is merged (RFC 7396: json_patch), or emptied when the
+# request's metadata is null. (A SET sees the stored row: the body repeats these expressions.)
+UPDATED = {
+    "name": "excluded.name",
+    "folded_name": "excluded.folded_name",
+    **{
+        column: f"iif(:set_{f}, excluded.{column}, {column})"
+        for f in OPTIONAL_FIELDS
+        for column in (f, f"folded_{f}")
+        if column in INSERTED
+    },
+    "metadata": """CASE
+        WHEN NOT :set_metadata THEN metadata
+        WHEN :metadata_patch IS NULL THEN '{}'
+        ELSE json_patch(metadata, :metadata_patch)
+    END""",
+    "updated_at": ":now",
+}
 # An upsert that changes nothing writes nothing: the update runs only where a key sent holds a
 # new value (the same check in the same statement, so no concurrent change slips between). A
 # metadata patch changes something when one of its keys differs from the stored one (a null
@@ -53,34 +69,26 @@ CHANGES = " OR ".join(
         END)""",
     ]
 )
-# A key absent from the request keeps the stored value: its :set_<field> flag is 0.
-# lago_id and created_at are only ever written by the insert. Metadata is merged (RFC 7396:
-# json_patch), or emptied when the request's metadata is null.
+# The body is written in the statement that writes the row, from the values it writes
+# (schema.body_sql). PostgreSQL computes it as a generated column.
 UPSERT_MANY = f"""
-INSERT INTO customers ({", ".join(INSERTED)})
-VALUES ({", ".join(":" + c for c in INSERTED)})
+INSERT INTO customers ({", ".join(INSERTED)}, body)
+VALUES ({", ".join(":" + c for c in INSERTED)}, {body_sql({c: ":" + c for c in COLUMNS})})
 ON CONFLICT (customer_id) DO UPDATE SET
-    name = excluded.name,
-    folded_name = excluded.folded_name,
-    {KEEP_ABSENT},
-    metadata = CASE
-        WHEN NOT :set_metadata THEN metadata
-        WHEN :metadata_patch IS NULL THEN '{{}}'
-        ELSE json_patch(metadata, :metadata_patch)
-    END,
-    updated_at = :now
+    {", ".join(f"{column} = {value}" for column, value in UPDATED.items())},
+    body = {body_sql(UPDATED)}
 WHERE {CHANGES}
 """
 
-UPSERT_CUSTOMER = UPSERT_MANY + f"RETURNING {SELECTED}"
+UPSERT_CUSTOMER = UPSERT_MANY + "RETURNING body"
 
-SELECT_CUSTOMER = f"SELECT {SELECTED} FROM customers WHERE customer_id = ?"
+SELECT_CUSTOMER = f"SELECT {BODY} FROM customers WHERE customer_id = ?"
 
-DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {SELECTED}"
+DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {BODY}"
 
 # WHERE and ORDER BY come from filter_sql() and order_sql(); the table may name the index to walk.
 SELECT_PAGE = f"""
-SELECT {SELECTED} FROM {{table}}
+SELECT customer_id, {BODY} AS body FROM {{table}}
 WHERE {{where}}
 ORDER BY {{order}}
 LIMIT :limit OFFSET :offset
@@ -115,22 +123,6 @@ FROM customers ORDER BY id
 IMPORT_PAUSE = 1.0
 
 
-def metadata_from_text(text: str) -> dict:
-    """Stored metadata as the API gives it: an object, its keys in code point order."""
-    if text == "{}":
-        return {}
-    return dict(sorted(json.loads(text).items()))
-
-
-def customer_from_row(row: sqlite3.Row) -> dict:
-    """A row as the customer object."""
-    # Every query of customers selects COLUMNS in this order: zip costs less than dict(row),
-    # which looks each value up by its name.
-    customer = dict(zip(COLUMNS, row, strict=True))
-    customer["metadata"] = metadata_from_text(customer["metadata"])
-    return customer
-
-
 # UPSERT_CUSTOMER with its parameters numbered (?1 is UPSERT_PARAMS[0]), given as a tuple:
 # sqlite3 binds a named parameter by making its name a str and looking it up, for each one.
 UPSERT_NUMBERED = re.sub(
@@ -159,7 +151,7 @@ def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
     with metadata_refused():
         rows = write_alone(conn, UPSERT_NUMBERED, params)
         if rows:
-            return customer_from_row(rows[0])
+            return Customer(rows[0][0])
         stored = get_customer(conn, fields["customer_id"])
         if holds_sent(stored, fields):
             return stored
@@ -170,7 +162,7 @@ def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
             rows = rows or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchall()
     if conn.total_changes != changes:
         make_durable(conn)
-    return customer_from_row(rows[0])
+    return Customer(rows[0][0])
 
 
 @contextlib.contextmanager
@@ -184,16 +176,16 @@ def metadata_refused() -> Iterator[None]:
         raise
 
 
-def get_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
+def get_customer(conn: sqlite3.Connection, customer_id: str) -> Customer | None:
     """Backend.get_customer: one read by the unique index."""
     row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
-    return customer_from_row(row) if row else None
+    return Customer(row[0]) if row else None
 
 
-def delete_customer(conn: sqlite3.Connection, customer_id: str) -> dict | None:
+def delete_customer(conn: sqlite3.Connection, customer_id: str) -> Customer | None:
     """Backend.delete_customer: one statement, its own transaction (write_alone)."""
     rows = write_alone(conn, DELETE_CUSTOMER, (customer_id,))
-    return customer_from_row(rows[0]) if rows else None
+    return Customer(rows[0][0]) if rows else None
 
 
 def filter_sql(filters: Filters, walk: bool = False) -> tuple[str, dict]:
@@ -261,7 +253,7 @@ def order_sql(filters: Filters) -> str:
 
 def list_customers(
     conn: sqlite3.Connection, page: int, per_page: int, filters: Filters
-) -> tuple[list[dict], int]:
+) -> tuple[list[Customer], int]:
     """Backend.list_customers: the count and the page in one read transaction."""
     offset = (page - 1) * per_page
     with conn:
@@ -271,7 +263,7 @@ def list_customers(
         if offset >= total:  # past the end: no scan, and no integer too large for SQLite
             return [], total
         rows = conn.execute(*page_query(filters, offset, per_page, total, everyone)).fetchall()
-    return [customer_from_row(r) for r in rows], total
+    return [Customer(row[1]) for row in rows], total
 
 
 def count_selected(conn: sqlite3.Connection, filters: Filters) -> int:

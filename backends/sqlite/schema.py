@@ -1,21 +1,36 @@
 """SQLite's schema: the ordered migrations (tables, indexes and the triggers that keep the
-counter, the metadata pairs, the search index and the events), and how they are applied.
-backends/postgres/schema.py is the same schema in PostgreSQL's terms."""
+counter, the metadata pairs, the search index, the events and the stored bodies), and how they
+are applied. backends/postgres/schema.py is the same schema in PostgreSQL's terms."""
 
 import sqlite3
+from collections.abc import Mapping
 
 from customers_service.backends.shared import FOLDED
 from customers_service.storage import COLUMNS, SEARCHED, fold
 
+# The application-defined function that writes a customer's body (shared.customer_body), which
+# every connection of the backend registers (connections.py): SQLite's own JSON functions write
+# non-ASCII as it is, where the API escapes it.
+CUSTOMER_JSON = "customer_json"
 
-def event_trigger(operation: str, kind: str, row: str) -> str:
+
+def body_sql(values: Mapping[str, str] | None = None) -> str:
+    """The SQL expression of a customer's body: CUSTOMER_JSON of each column's value, given as
+    SQL in ``values`` (the column itself when absent)."""
+    values = values or {}
+    return f"{CUSTOMER_JSON}({', '.join(values.get(c, c) for c in COLUMNS)})"
+
+
+def event_trigger(operation: str, kind: str, row: str, of: tuple[str, ...] = ()) -> str:
     """The trigger that records the event of one kind of change, in the change's transaction,
-    and queues it for every webhook endpoint registered now."""
+    and queues it for every webhook endpoint registered now; with ``of``, only a change that
+    sets one of those columns."""
     customer = ", ".join(
         f"'{c}', json({row}.{c})" if c == "metadata" else f"'{c}', {row}.{c}" for c in COLUMNS
     )
     changed_at = "new.updated_at" if row == "new" else "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
-    return f"""CREATE TRIGGER customers_event_{kind.split(".")[1]} AFTER {operation} ON customers
+    name, columns = f"customers_event_{kind.split('.')[1]}", f" OF {', '.join(of)}" if of else ""
+    return f"""CREATE TRIGGER {name} AFTER {operation}{columns} ON customers
        BEGIN
            INSERT INTO events (id, webhook_type, created_at, recorded_at, customer)
            VALUES ({RANDOM_UUID}, '{kind}', {changed_at}, {UNIX_NOW}, json_object({customer}));
@@ -190,7 +205,28 @@ MIGRATIONS = (
             progress TEXT NOT NULL
         )""",
     ),
+    (
+        # Stored bodies (issue 23): each customer's JSON object as the API answers it, written
+        # by the statement that writes the row (the upsert computes it with CUSTOMER_JSON), so
+        # reads answer it as it is. Filling it changes no customer: no event for that, and none
+        # for an update of the body alone, from here on.
+        "DROP TRIGGER customers_event_updated",
+        "ALTER TABLE customers ADD COLUMN body TEXT",
+        f"UPDATE customers SET body = {body_sql()}",
+        event_trigger("UPDATE", "customer.updated", "new", of=COLUMNS),
+        # A writer outside the service (the sqlite3 shell, say) that changes a customer's
+        # columns without its body leaves a body that no longer says the same: it is emptied,
+        # and reads make the body from the columns (BODY) until the next upsert writes it.
+        f"""CREATE TRIGGER customers_body_outdated AFTER UPDATE OF {", ".join(COLUMNS)}
+           ON customers
+           WHEN new.body IS old.body AND new.body IS NOT NULL
+           BEGIN UPDATE customers SET body = NULL WHERE id = new.id; END""",
+    ),
 )
+
+# A customer's body as reads select it: the stored one, or when a writer outside the service left
+# none (an INSERT without it, or customers_body_outdated), the same text made from the columns.
+BODY = f"coalesce(body, {body_sql()})"
 
 
 def migrate(conn: sqlite3.Connection) -> int:
