@@ -29,45 +29,26 @@ EVENT_CUSTOMER = ", ".join(
 )
 
 # A customer's body, its JSON object as the API answers it (Python's json: compact, non-ASCII as
-# \uXXXX), made by SQL functions; SQLite's counterpart is the Python function
-# shared.customer_body. Each is IMMUTABLE, as a generated column needs: to_json and to_char are
-# STABLE for the sake of other types and patterns, but a text's JSON, and a UTC time with
-# API_TIME's pattern, never change.
-JSON_FUNCTIONS = (
-    # Anything but printable ASCII: to_json escapes quotes, backslashes and controls as Python
-    # does; DEL and beyond ASCII then become \uXXXX, lower-case, a surrogate pair past U+FFFF.
-    r"""CREATE FUNCTION customers_json_escaped(s text) RETURNS text
-        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        SELECT string_agg(CASE
-                WHEN n < 127 THEN c
-                WHEN n < 65536 THEN '\u' || lpad(to_hex(n), 4, '0')
-                ELSE '\u' || to_hex(55232 + (n >> 10)) || '\u' || to_hex(56320 + (n & 1023))
-            END, '' ORDER BY i)
-        FROM string_to_table(to_json(s)::text, NULL) WITH ORDINALITY AS chars(c, i), ascii(c) n
-    $$""",
-    # A string as JSON text, NULL as NULL: printable ASCII needs only its backslashes and quotes
-    # escaped (an expression the planner inlines), anything else customers_json_escaped.
-    r"""CREATE FUNCTION customers_json_text(s text) RETURNS text
-        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-        SELECT CASE WHEN s ~ '[^\x20-\x7e]' THEN customers_json_escaped(s)
-            ELSE '"' || replace(replace(s, '\', '\\'), '"', '\"') || '"' END
-    $$""",
-    # Keys in code point order, as the API writes them: UTF-8's byte order ("C") is that order.
-    """CREATE FUNCTION customers_metadata_json(metadata jsonb) RETURNS text
-        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        SELECT '{' || coalesce(string_agg(
-            customers_json_text(key) || ':' || coalesce(customers_json_text(value), 'null'),
-            ',' ORDER BY key COLLATE "C"
-        ), '') || '}'
-        FROM jsonb_each_text(metadata)
-    $$""",
-)
+# \uXXXX), made by SQL: SQLite's counterpart is the Python function shared.customer_body.
+# to_json quotes a text as Python does but for DEL and non-ASCII, which it leaves as they are:
+# customers_body then writes each of those as \uXXXX (a surrogate pair past U+FFFF), lower-case,
+# one distinct character at a time, wherever it is (in JSON text, only inside strings). The
+# functions are IMMUTABLE, as a generated column needs: to_json and to_char are STABLE for the
+# sake of other types and patterns, but a text's JSON, and a UTC time in API_TIME's pattern,
+# never change.
+METADATA_JSON = """CREATE FUNCTION customers_metadata_json(metadata jsonb) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT '{' || string_agg(to_json(key)::text || ':' || to_json(value)::text, ','
+                             ORDER BY key COLLATE "C") || '}'  -- UTF-8 order: code points'
+    FROM jsonb_each_text(metadata)
+$$"""
 COLUMN_TYPES = {"lago_id": "uuid", "metadata": "jsonb", "created_at": "timestamptz"}
 COLUMN_TYPES["updated_at"] = "timestamptz"
 
 
 def json_value(column: str) -> str:
-    """The SQL of a column's value as JSON text, in customers_body."""
+    """The SQL of a column's value as JSON text (DEL and non-ASCII as they are), in
+    customers_body."""
     if column == "lago_id":
         return """'"' || lago_id::text || '"'"""
     if column in ("created_at", "updated_at"):
@@ -75,21 +56,34 @@ def json_value(column: str) -> str:
     if column == "metadata":
         return "CASE WHEN metadata = '{}' THEN '{}' ELSE customers_metadata_json(metadata) END"
     if column in REQUIRED:
-        return f"customers_json_text({column})"
-    return f"coalesce(customers_json_text({column}), 'null')"
+        return f"to_json({column})::text"
+    return f"coalesce(to_json({column})::text, 'null')"
 
 
 def body_expression() -> str:
     """The SQL of the body from the columns: each key, then its value as JSON text."""
     pairs = [f"""'{"," if i else "{"}"{c}":' || {json_value(c)}""" for i, c in enumerate(COLUMNS)]
-    return " || ".join(pairs) + " || '}'"
+    return "\n            || ".join(pairs) + " || '}'"
 
 
 CUSTOMER_BODY = f"""CREATE FUNCTION customers_body(
         {", ".join(f"{c} {COLUMN_TYPES.get(c, 'text')}" for c in COLUMNS)}
     ) RETURNS text LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+    DECLARE
+        body text := {body_expression()};
+        c text;
+        n integer;
     BEGIN
-        RETURN {body_expression()};
+        LOOP
+            c := substring(body FROM '[^\\x01-\\x7e]');
+            EXIT WHEN c IS NULL;
+            n := ascii(c);
+            body := replace(body, c, CASE
+                WHEN n < 65536 THEN '\\u' || lpad(to_hex(n), 4, '0')
+                ELSE '\\u' || to_hex(55232 + (n >> 10)) || '\\u' || to_hex(56320 + (n & 1023))
+            END);
+        END LOOP;
+        RETURN body;
     END $$"""
 
 CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -249,7 +243,7 @@ MIGRATIONS = (
         # Stored bodies (issue 23): each customer's JSON object as the API answers it, a
         # generated column, so every statement that writes a row writes its body (SQLite's
         # upsert computes it instead). Adding it rewrites the table once, firing no trigger.
-        *JSON_FUNCTIONS,
+        METADATA_JSON,
         CUSTOMER_BODY,
         f"""ALTER TABLE customers ADD COLUMN body text NOT NULL
             GENERATED ALWAYS AS (customers_body({", ".join(COLUMNS)})) STORED""",
