@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring_ascii as quote_ascii  # what the encoder quotes with
 
 from customers_service.storage import (
     COLUMNS,
@@ -59,16 +60,25 @@ def metadata_json(metadata: Mapping) -> str:
 # What the API answers: compact, non-ASCII as \uXXXX (responses.py encodes the same way;
 # tests/test_stored_bytes.py holds the two to each other).
 _encode_body = json.JSONEncoder(separators=(",", ":")).encode
+# Each column's key as that encoder writes it, after the brace or the comma before it.
+_BODY_KEYS = tuple(("," if i else "{") + quote_ascii(c) + ":" for i, c in enumerate(COLUMNS))
+_METADATA = COLUMNS.index("metadata")
 
 
 def customer_body(*values: str | None) -> str:
     """A customer's body, its JSON object as the API answers it, from its COLUMNS' values as
-    SQLite stores them (metadata as JSON text). PostgreSQL's counterpart is the SQL function
-    customers_body (backends/postgres/schema.py)."""
-    customer = dict(zip(COLUMNS, values, strict=True))
-    metadata = customer["metadata"]
-    customer["metadata"] = {} if metadata == "{}" else dict(sorted(json.loads(metadata).items()))
-    return _encode_body(customer)
+    SQLite stores them (metadata as JSON text): each text quoted by the encoder's own function,
+    without building a dict. PostgreSQL's counterpart is the SQL function customers_body
+    (backends/postgres/schema.py)."""
+    parts = []
+    for key, value in zip(_BODY_KEYS, values, strict=True):
+        parts.append(key)
+        parts.append("null" if value is None else quote_ascii(value))
+    metadata = values[_METADATA]  # an object, its keys in code point order
+    metadata = {} if metadata == "{}" else dict(sorted(json.loads(metadata).items()))
+    parts[2 * _METADATA + 1] = _encode_body(metadata)
+    parts.append("}")
+    return "".join(parts)
 
 
 def upsert_params(fields: Mapping, now: str) -> dict:
