@@ -116,7 +116,7 @@ def refusal(error: psycopg.IntegrityError) -> dict:
     return {"lago_id": ["lago_id_taken"]}  # a restored lago_id that another customer has
 
 
-def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> dict:
+def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> Customer:
     """Backend.upsert_customer: the metadata limit is a CHECK constraint.
 
     The customer is read first: when it already holds every value sent, that is the answer, and

@@ -87,6 +87,7 @@ SELECT_CUSTOMER = f"SELECT {BODY} FROM customers WHERE customer_id = ?"
 DELETE_CUSTOMER = f"DELETE FROM customers WHERE customer_id = ? RETURNING {BODY}"
 
 # WHERE and ORDER BY come from filter_sql() and order_sql(); the table may name the index to walk.
+# Each row names its customer_id too, so the two ways to a page can be compared (test_filters).
 SELECT_PAGE = f"""
 SELECT customer_id, {BODY} AS body FROM {{table}}
 WHERE {{where}}
@@ -100,7 +101,7 @@ COUNT_PAIR = "SELECT count(*) FROM customer_metadata WHERE key = ? AND value = ?
 
 SELECT_COUNT = "SELECT n FROM customer_count"
 
-# Metadata keys in code point order, as rows give them (customer_from_row).
+# Metadata keys in code point order, as bodies give them (shared.customer_body).
 SORTED_METADATA = """(SELECT json_group_object(key, value)
     FROM (SELECT key, value FROM json_each(customers.metadata) ORDER BY key))"""
 EXPORTED = {"metadata": SORTED_METADATA}
@@ -138,7 +139,7 @@ def refusal(error: sqlite3.IntegrityError) -> dict:
     return {"lago_id": ["lago_id_taken"]}  # a restored lago_id that another customer has
 
 
-def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> dict:
+def upsert_customer(conn: sqlite3.Connection, fields: Mapping) -> Customer:
     """Backend.upsert_customer: one numbered statement, its own transaction (write_alone); the
     metadata limit is a trigger's.
 
