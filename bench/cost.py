@@ -34,7 +34,8 @@ from versions import add_worktree, remove_worktree, shim  # noqa: E402
 
 PHASES = ("echo", "insert", "update", "no-op", "get", "list")
 # An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
-# load, the store's upsert (parameters, SQL, the row back as a dict), the response's JSON.
+# load, the store's upsert (parameters, SQL, the customer back), the response's JSON (around the
+# stored body, in a version that stores them).
 # What an insert costs beyond them is Flask's and Werkzeug's machinery and the hooks.
 PIECES = ("parse", "load", "store", "respond")
 KEY = "bench-key"
@@ -52,6 +53,10 @@ except ImportError:  # a version from before backends/
 from customers_service.app import create_app
 from customers_service.body import parse_json
 from customers_service.responses import json_response
+try:
+    from customers_service.responses import customer_response
+except ImportError:  # a version from before stored bodies
+    customer_response = None
 from customers_service.schemas import customer_schema
 config, warm_up, measured = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
 service = create_app(config)
@@ -114,6 +119,8 @@ def pieces_of(piece, n, offset):
         return [(piece_store.upsert_customer, (customer_schema.load(customer(i)["customer"]),))
                 for i in ids]
     row = piece_store.get_customer("old-1")
+    if customer_response is not None:
+        return [(customer_response, (row,)) for i in ids]
     return [(json_response, ({"customer": dict(row)},)) for i in ids]
 
 def call(calls):
