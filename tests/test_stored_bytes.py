@@ -3,7 +3,9 @@ is byte for byte what the API answered when it built each object from its row (i
 
 import json
 import os
+import signal
 import sqlite3
+import threading
 import uuid
 from urllib.parse import quote
 
@@ -302,3 +304,22 @@ def test_sqlite_reads_columns_when_a_writer_left_no_body(db_path, app, client):
         db.execute("UPDATE customers SET body = NULL")
     (customer,) = today(Backend("sqlite", {}, sqlite_path=db_path))
     assert client.get(path("c1"), headers=AUTH).data == answered(app, {"customer": customer})
+
+
+def test_a_ctrl_c_while_sqlite_writes_a_body_is_raised_when_the_statement_ends(conn, monkeypatch):
+    """sqlite3 drops what a function raises: a Ctrl-C that Python handles inside customer_json
+    is raised once the statement has ended, as one handled while SQLite's own code runs."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    body = sqlite_connections.customer_body
+
+    def interrupted(*values):
+        signal.raise_signal(signal.SIGINT)  # handled at Python's next check: in here
+        return body(*values)
+
+    monkeypatch.setattr(sqlite_connections, "customer_body", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sqlite_customers.upsert_customer(conn, {"customer_id": "c1", "name": "Né"})
+    monkeypatch.undo()
+    stored = sqlite_customers.get_customer(conn, "c1")  # the statement ran to its end
+    assert stored["name"] == "Né" and '"name":"N\\u00e9"' in stored.body

@@ -4,6 +4,7 @@ answers 503 for. backends/postgres/connections.py does the same with a pool."""
 
 import contextlib
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -43,12 +44,60 @@ class DiskNearlyFull(sqlite3.OperationalError):
     """The disk under the database has less room than the service asks to keep free."""
 
 
+# sqlite3 turns whatever an application-defined function raises into an OperationalError and
+# drops the exception, so a Ctrl-C (KeyboardInterrupt) that Python handles while customer_json
+# runs, as it mostly does during a long statement, would be lost. In the main thread, Python's
+# own SIGINT handler is replaced by one that, there, notes the thread here instead, and the
+# statement raises KeyboardInterrupt when it ends, as after a Ctrl-C during SQLite's own code.
+_interrupted: set[int] = set()
+
+
+def customer_json(*values: str | None) -> str:
+    """schema.CUSTOMER_JSON: shared.customer_body, as SQLite calls it, in a frame of its own
+    that interrupt_after_statement looks for."""
+    return customer_body(*values)
+
+
+def interrupt_after_statement(signum: int, frame) -> None:
+    """Python's SIGINT handler (KeyboardInterrupt), but raised when the statement ends
+    (Connection) if it comes while customer_json runs."""
+    caller = frame
+    while caller is not None:
+        if caller.f_code is customer_json.__code__:
+            _interrupted.add(threading.get_ident())
+            return
+        caller = caller.f_back
+    signal.default_int_handler(signum, frame)
+
+
+def raise_interrupt() -> None:
+    """Raise the KeyboardInterrupt that came while this thread's statement ran customer_json."""
+    if threading.get_ident() in _interrupted:
+        _interrupted.discard(threading.get_ident())
+        raise KeyboardInterrupt
+
+
 class Connection(sqlite3.Connection):
-    """A connection that knows its file and whether its commits must reach the disk."""
+    """A connection that knows its file and whether its commits must reach the disk, and whose
+    statements raise a Ctrl-C that came while they ran customer_json when they end."""
 
     path = ""
     durability: "WalSync | None" = None  # set when synchronous is FULL: write() uses it
     live_writes: "LiveWrites | None" = None  # set for a file: write_alone notes each write
+
+    def execute(self, sql: str, parameters=(), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        finally:
+            if _interrupted:
+                raise_interrupt()
+
+    def executemany(self, sql: str, parameters, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        finally:
+            if _interrupted:
+                raise_interrupt()
 
     def close(self) -> None:
         for shared in (self.durability, self.live_writes):
@@ -119,7 +168,10 @@ def _open(path: str, timeout: float, create: bool) -> Connection:
     conn.path = path
     conn.row_factory = sqlite3.Row
     # The upsert, the import and the migration write bodies with it (schema.BODY reads them).
-    conn.create_function(CUSTOMER_JSON, len(COLUMNS), customer_body, deterministic=True)
+    conn.create_function(CUSTOMER_JSON, len(COLUMNS), customer_json, deterministic=True)
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt_after_statement)
     return conn
 
 
