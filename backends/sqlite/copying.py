@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from customers_service.backends.shared import INSERTED, copied_customer
 from customers_service.backends.sqlite.connections import file_identity, write
-from customers_service.backends.sqlite.schema import MIGRATIONS, schema_version
+from customers_service.backends.sqlite.schema import MIGRATIONS, body_sql, schema_version
 from customers_service.storage import COPIED, KEY_WIDTH
 
 KEYS = {kind: COPIED[kind][: KEY_WIDTH.get(kind, 1)] for kind in COPIED}
@@ -27,10 +27,11 @@ AFTER = {
 }
 
 # Metadata is stored as SQLite writes it (compact JSON: json() makes PostgreSQL's jsonb text so).
+# A customer's body is written with its row, from the values named as its columns.
+COPIED_VALUES = ", ".join(f"json(?) AS {c}" if c == "metadata" else f"? AS {c}" for c in INSERTED)
 INSERT_COPIED = {
-    "customers": f"INSERT INTO customers ({', '.join(INSERTED)}) VALUES ("
-    + ", ".join("json(?)" if c == "metadata" else "?" for c in INSERTED)
-    + ")",
+    "customers": f"INSERT INTO customers ({', '.join(INSERTED)}, body) "
+    f"SELECT *, {body_sql()} FROM (SELECT {COPIED_VALUES})",
     **{
         kind: f"INSERT INTO {kind} ({', '.join(columns)}) "
         f"VALUES ({', '.join('?' for _ in columns)})"
