@@ -244,6 +244,8 @@ def load_list_query(args: MultiDict) -> tuple[int, int, Filters | None]:
         filter_errors.update(_codes_by_parameter(e.normalized_messages()))
     if filter_errors:
         raise ApiError(400, "invalid_filters", details=filter_errors)
+    if not filter_args and not metadata:
+        return page, per_page, UNFILTERED
     return page, per_page, _filters(loaded, metadata)
 
 
@@ -294,3 +296,6 @@ def _filters(loaded: dict, metadata: dict) -> Filters | None:
         descending=sort.startswith("-"),
         **bounds,
     )
+
+
+UNFILTERED = _filters(NOTHING_FILTERED, {})  # no filter sent: made once

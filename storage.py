@@ -138,6 +138,11 @@ class Filters:
 
     def any(self) -> bool:
         """Whether anything is filtered (the total is then counted, not read from a counter)."""
+        return self.filtered
+
+    @functools.cached_property
+    def filtered(self) -> bool:
+        """any(), worked out once: a list asks it several times."""
         return any(getattr(self, name) not in (None, (), {}) for name in FILTER_NAMES)
 
     def value_lists(self) -> list[tuple[str, tuple[str, ...]]]:
