@@ -137,8 +137,7 @@ VOLATILE = re.compile(rb'"(lago_id|created_at|updated_at)":"[^"]*"')
 
 
 def digest(path: str) -> tuple[int, str]:
-    """The lines of an export and the first 12 hex digits of their SHA-256, ids and times left
-    out, so that two imports of the same file export the same digest."""
+    """An export's line count and SHA-256 (12 hex digits), without its ids and times."""
     sha, lines = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for line in f:

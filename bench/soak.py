@@ -54,6 +54,7 @@ class Mix:
     """One client thread: a weighted mix of the API's calls, each with its expected status."""
 
     def __init__(self, url: str, stop: threading.Event, counts: dict, lock: threading.Lock):
+        """A client of ``url`` that counts into ``counts`` under ``lock`` until ``stop`` is set."""
         self.url, self.stop, self.counts, self.lock = url, stop, counts, lock
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {KEY}"
