@@ -54,7 +54,7 @@ def test_the_numbered_upsert_binds_what_the_named_one_does():
                 sqlite_customers.UPSERT_NUMBERED, sqlite_customers.in_upsert_order(params)
             )
             assert [tuple(r) for r in got.fetchall()] == [tuple(r) for r in expected]
-    search = "SELECT rowid FROM customer_search WHERE customer_search MATCH '\"x.te\"'"
+    search = 'SELECT rowid FROM customer_search WHERE customer_search MATCH \'"x.t" AND ".te"\''
     assert named.execute(search).fetchall() == numbered.execute(search).fetchall() != []
 
 
@@ -116,6 +116,69 @@ def test_migrate_is_idempotent_and_records_the_version(tmp_path):
     assert sqlite_schema.migrate(conn) == len(sqlite_schema.MIGRATIONS)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(sqlite_schema.MIGRATIONS)
     conn.close()
+
+
+def test_the_search_index_migration_converts_an_existing_index(tmp_path, monkeypatch):
+    """The step that rebuilds the search index without positions (issue 23) finds what the
+    index before it found, and the triggers keep the new one as customers change."""
+    step = next(
+        n for n, s in enumerate(sqlite_schema.MIGRATIONS) if "DROP TABLE customer_search" in s
+    )
+    conn = sqlite_connections.connect(str(tmp_path / "db.sqlite3"), create=True)
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", sqlite_schema.MIGRATIONS[:step])
+    sqlite_schema.migrate(conn)
+    people = [
+        {"customer_id": "acme-1", "name": "Acme Holdings", "email": "Ops@Acme.TEST"},
+        {"customer_id": "b-2", "name": "Bolt", "legal_name": "Acmé SA"},
+        {"customer_id": "c-3", "name": "École", "email": "x@holdings.test"},
+    ]
+    for fields in people:
+        sqlite_customers.upsert_customer(conn, fields)
+    expected = {
+        "acme": ["acme-1"],
+        "hol": ["acme-1", "c-3"],
+        "holdings": ["acme-1", "c-3"],
+        "école": ["c-3"],
+        "acmé": ["b-2"],
+        "b-2": ["b-2"],
+        "ops@acme.test": ["acme-1"],
+        "cme h": ["acme-1"],  # across words, not across fields
+        "1acm": [],
+        "nothing": [],
+    }
+    assert {t: found(conn, t) for t in expected} == expected
+    monkeypatch.undo()
+    assert sqlite_schema.migrate(conn) == len(sqlite_schema.MIGRATIONS)
+    sql = "SELECT sql FROM sqlite_master WHERE name = 'customer_search'"
+    assert "detail=none, columnsize=0" in conn.execute(sql).fetchone()[0]
+    assert {t: found(conn, t) for t in expected} == expected
+    sqlite_customers.upsert_customer(conn, {"customer_id": "acme-1", "name": "Renamed"})
+    sqlite_customers.upsert_customer(conn, {"customer_id": "d-4", "name": "Acme Two"})
+    sqlite_customers.delete_customer(conn, "c-3")
+    assert found(conn, "acme") == ["acme-1", "d-4"]  # by its customer_id, and the new one
+    assert found(conn, "holdings") == found(conn, "cme h") == []
+    assert found(conn, "renamed") == ["acme-1"]
+    conn.execute("INSERT INTO customer_search (customer_search) VALUES ('integrity-check')")
+    conn.close()
+
+
+def test_a_search_finds_the_term_not_only_its_trigrams(conn):
+    for customer_id, name in [("t-1", "Abcx Defy"), ("t-2", "xABCDEFx"), ("t-3", "def abc")]:
+        sqlite_customers.upsert_customer(conn, {"customer_id": customer_id, "name": name})
+    assert found(conn, "abcdef") == ["t-2"]
+    assert found(conn, "abc") == ["t-1", "t-2", "t-3"]  # one trigram: the index alone
+    assert found(conn, "bcx d") == ["t-1"]
+    assert found(conn, "c de") == []
+
+
+def found(conn: sqlite3.Connection, term: str) -> list[str]:
+    """The customer_ids a search term selects through the index, checked against its count."""
+    filters = Filters(search=storage.fold(term))
+    where, params = sqlite_customers.filter_sql(filters)
+    sql = f"SELECT customer_id FROM customers WHERE {where} ORDER BY customer_id"
+    ids = [row[0] for row in conn.execute(sql, params)]
+    assert sqlite_customers.count_selected(conn, filters) == len(ids)
+    return ids
 
 
 def test_connect_sets_wal_synchronous_and_timeout(tmp_path):

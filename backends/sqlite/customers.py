@@ -210,12 +210,14 @@ def filter_sql(filters: Filters, walk: bool = False) -> tuple[str, dict]:
     if filters.search is not None:
         params["search"] = filters.search
         if has_trigrams(filters.search) and not walk:
-            params["search"] = fts_phrase(filters.search)
+            params["trigrams"] = fts_query(filters.search)
             conditions.append(
                 "customers.id IN (SELECT rowid FROM customer_search "
-                "WHERE customer_search MATCH :search)"
+                "WHERE customer_search MATCH :trigrams)"
             )
-        else:  # shorter than a trigram, or walking: each row is looked at
+        if not is_exact_in_index(filters.search) or walk:
+            # Shorter than a trigram, or walking: each row is looked at; or the customers
+            # holding the term's trigrams (fts_query), each checked for the term itself.
             conditions.append("(" + " OR ".join(f"instr({c}, :search)" for c in FOLDED) + ")")
     if filters.customer_id is not None:
         conditions.append("customer_id = :customer_id")
@@ -246,6 +248,23 @@ def filter_sql(filters: Filters, walk: bool = False) -> tuple[str, dict]:
 def has_trigrams(term: str) -> bool:
     """Whether a folded search term is long enough for the trigram index (3 characters)."""
     return len(term) >= 3
+
+
+def is_exact_in_index(term: str) -> bool:
+    """Whether the search index alone finds exactly the customers holding the term: a term of
+    one trigram. The index keeps which customers hold a trigram, not where (detail=none)."""
+    return len(term) == 3
+
+
+def fts_query(term: str) -> str:
+    """An FTS5 query of trigrams that cover a term (3 characters or more), each a phrase of one
+    token: it finds the customers holding them all, among them those holding the term.
+
+    Every third trigram and the last: a trigram more would select few customers fewer, and
+    FTS5 reads a trigram's whole list of customers (bench/README.md, issue 23).
+    """
+    starts = [*range(0, len(term) - 3, 3), len(term) - 3]
+    return " AND ".join(fts_phrase(t) for t in dict.fromkeys(term[i : i + 3] for i in starts))
 
 
 def fts_phrase(term: str) -> str:
@@ -285,14 +304,15 @@ def list_customers(
 def count_selected(conn: sqlite3.Connection, filters: Filters) -> int:
     """How many customers the filters select.
 
-    A search term or one metadata pair alone is counted in its own index: every row there is a
-    customer's (the triggers keep them so), and looking each customer up would cost more than
-    the count itself (bench/README.md, filters).
+    A search term of one trigram or one metadata pair alone is counted in its own index: every
+    row there is a customer's (the triggers keep them so), and looking each customer up would
+    cost more than the count itself (bench/README.md, filters). A longer term's customers are
+    looked up, each checked for the term.
     """
     others = dataclasses.replace(filters, search=None, metadata={}).any()
     if not others and not filters.metadata and filters.search is not None:
-        if has_trigrams(filters.search):
-            return conn.execute(COUNT_SEARCH, (fts_phrase(filters.search),)).fetchone()[0]
+        if is_exact_in_index(filters.search):
+            return conn.execute(COUNT_SEARCH, (fts_query(filters.search),)).fetchone()[0]
     if not others and filters.search is None and len(filters.metadata) == 1:
         ((key, value),) = filters.metadata.items()
         return conn.execute(COUNT_PAIR, (key, value)).fetchone()[0]
