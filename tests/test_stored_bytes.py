@@ -193,7 +193,12 @@ OLD_METADATA = {"école-1": {"zeta": "1", "Alpha": "é", "beta": "\U0001f600"}, 
 def test_sqlite_migration_fills_every_body_and_records_no_event(tmp_path, monkeypatch):
     path_ = str(tmp_path / "old.sqlite3")
     conn = sqlite_connections.connect(path_, create=True)
-    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", sqlite_schema.MIGRATIONS[:-1])
+    before_bodies = next(
+        number
+        for number, step in enumerate(sqlite_schema.MIGRATIONS)
+        if "ALTER TABLE customers ADD COLUMN body TEXT" in step
+    )
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", sqlite_schema.MIGRATIONS[:before_bodies])
     sqlite_schema.migrate(conn)  # the schema before bodies
     with conn:
         for lago_id, customer_id, name, country, city, zipcode in OLD_ROWS:
