@@ -5,7 +5,7 @@
 Builds each database at the schema before that migration: the first migration, the customers
 inserted in bulk, the next migrations (their folded copies, indexes and triggers), then metadata
 on a fifth of them (its events removed). A tenth have non-ASCII names and cities, every optional
-field but one is filled. Then times the last migration alone, as a start or `init-db` runs it,
+field but one is filled. Then times that migration alone, as a start or `init-db` runs it,
 and checks a sample of the bodies against the API's encoder. PostgreSQL runs in a throwaway
 cluster (tests/support/postgres_cluster.py) with its default settings.
 """
@@ -73,6 +73,15 @@ def migrations_up_to(schema, count: int):
         schema.MIGRATIONS = kept
 
 
+def body_step(schema) -> int:
+    """The number of ``schema``'s migration step that adds the body column (later steps are
+    other issues')."""
+    for number, step in enumerate(schema.MIGRATIONS, start=1):
+        if any(isinstance(s, str) and "ADD COLUMN body" in s for s in step):
+            return number
+    raise LookupError("no migration adds the body column")
+
+
 def expected_body(row: dict) -> str:
     """The customer's JSON object as the API wrote it before bodies were stored."""
     customer = {c: row[c] for c in COLUMNS}
@@ -89,7 +98,7 @@ def sqlite_database(folder: str, rows: int) -> tuple[float, int]:
 
     conn = connections.connect(os.path.join(folder, "body.sqlite3"), create=True)
     conn.execute("PRAGMA synchronous = OFF")  # the fill only
-    last = len(schema.MIGRATIONS)
+    last = body_step(schema)
     with migrations_up_to(schema, 1):
         schema.migrate(conn)
     with conn:
@@ -105,7 +114,8 @@ def sqlite_database(folder: str, rows: int) -> tuple[float, int]:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("PRAGMA synchronous = NORMAL")
     started = time.perf_counter()
-    schema.migrate(conn)
+    with migrations_up_to(schema, last):
+        schema.migrate(conn)
     took = time.perf_counter() - started
     assert schema.schema_version(conn) == last
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
@@ -123,7 +133,7 @@ def postgres_database(cluster: PostgresCluster, rows: int) -> tuple[float, int]:
 
     cluster.admin("CREATE DATABASE body")
     conn = connections.connect(cluster.url("body"), statement_timeout=3600)
-    last = len(schema.MIGRATIONS)
+    last = body_step(schema)
     with migrations_up_to(schema, 1):
         schema.migrate(conn)
     with conn.transaction(), conn.cursor() as cursor:
@@ -145,7 +155,8 @@ def postgres_database(cluster: PostgresCluster, rows: int) -> tuple[float, int]:
     conn.execute("VACUUM ANALYZE customers")
     conn.execute("CHECKPOINT")
     started = time.perf_counter()
-    schema.migrate(conn)
+    with migrations_up_to(schema, last):
+        schema.migrate(conn)
     took = time.perf_counter() - started
     assert schema.schema_version(conn) == last
     checked = 0
