@@ -190,15 +190,18 @@ OLD_ROWS = [
 OLD_METADATA = {"école-1": {"zeta": "1", "Alpha": "é", "beta": "\U0001f600"}, "plain": {}}
 
 
+def steps_before_bodies(schema) -> tuple:
+    """A backend's migrations up to the step that adds the body column, not included."""
+    for number, step in enumerate(schema.MIGRATIONS):
+        if any(isinstance(s, str) and "ADD COLUMN body" in s for s in step):
+            return schema.MIGRATIONS[:number]
+    raise LookupError("no migration adds the body column")
+
+
 def test_sqlite_migration_fills_every_body_and_records_no_event(tmp_path, monkeypatch):
     path_ = str(tmp_path / "old.sqlite3")
     conn = sqlite_connections.connect(path_, create=True)
-    before_bodies = next(
-        number
-        for number, step in enumerate(sqlite_schema.MIGRATIONS)
-        if "ALTER TABLE customers ADD COLUMN body TEXT" in step
-    )
-    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", sqlite_schema.MIGRATIONS[:before_bodies])
+    monkeypatch.setattr(sqlite_schema, "MIGRATIONS", steps_before_bodies(sqlite_schema))
     sqlite_schema.migrate(conn)  # the schema before bodies
     with conn:
         for lago_id, customer_id, name, country, city, zipcode in OLD_ROWS:
@@ -237,7 +240,7 @@ def test_postgres_migration_fills_every_body_and_records_no_event(postgres, monk
     name = postgres.new_database(migrated=False)
     conn = pg_connections.connect(postgres.url(name))
     try:
-        monkeypatch.setattr(pg_schema, "MIGRATIONS", pg_schema.MIGRATIONS[:-1])
+        monkeypatch.setattr(pg_schema, "MIGRATIONS", steps_before_bodies(pg_schema))
         pg_schema.migrate(conn)  # the schema before bodies
         with conn.transaction():
             for lago_id, customer_id, name_, country, city, zipcode in OLD_ROWS:
