@@ -18,7 +18,12 @@ import click
 from marshmallow import ValidationError
 
 from customers_service import schemas
-from customers_service.backends.shared import UPSERT_PARAMS, sent_fields, upsert_params
+from customers_service.backends.shared import (
+    UPSERT_PARAMS,
+    sent_fields,
+    upsert_params,
+    with_created_body,
+)
 from customers_service.body import parse_json
 from customers_service.logs import say
 from customers_service.responses import ApiError
@@ -123,7 +128,7 @@ def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]
             try:
                 fields = schemas.customer_import_schema.load(raw)
                 # Values only, in UPSERT_PARAMS order: the field names are not sent back.
-                values = tuple(upsert_params(fields, now).values())
+                values = tuple(with_created_body(upsert_params(fields, now)).values())
                 checked.append((number, None, values, None))
                 continue
             except ValidationError as e:

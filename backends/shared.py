@@ -103,10 +103,18 @@ def upsert_params(fields: Mapping, now: str) -> dict:
     params["created_at"] = fields.get("created_at") or now
     params["updated_at"] = fields.get("updated_at") or now
     params["now"] = now
+    params["body"] = None  # made in the statement, unless with_created_body made it already
     return params
 
 
 UPSERT_PARAMS = tuple(upsert_params({}, ""))  # their names, in order
+
+
+def with_created_body(params: dict) -> dict:
+    """Upsert parameters with the body of the customer they create, if they create one: an
+    import's workers make it, so SQLite's one writer does not (PostgreSQL makes its own)."""
+    params["body"] = customer_body(*(params[c] for c in COLUMNS))
+    return params
 
 
 def sent_fields(params: Mapping) -> dict:

@@ -16,7 +16,7 @@ from support.databases import Backend
 from support.postgres_cluster import psycopg_connect
 from support.service import AUTH, post_customer
 
-from customers_service import storage
+from customers_service import bulk_import, database, storage
 from customers_service.backends import shared
 from customers_service.backends.postgres import schema as pg_schema
 from customers_service.backends.sqlite import connections as sqlite_connections
@@ -137,6 +137,26 @@ def test_stored_bodies_and_every_answer_are_the_bytes_of_before(
 
 # A customer's fields: the two required ones, then the optional ones, any of them null.
 field_values = st.tuples(texts, texts, *[st.none() | texts] * len(storage.OPTIONAL_FIELDS))
+
+
+@HYPOTHESIS
+@given(batch=st.lists(customers, min_size=1, max_size=5, unique_by=lambda c: c["customer_id"]))
+def test_an_imports_bodies_made_by_its_workers_are_the_bytes_of_before(app, backend, batch):
+    """The import's workers make each created customer's body (check_rows); stored, each is the
+    encoder's bytes for its row, as the API's own upsert writes it."""
+    checked = bulk_import.check_rows([(n, customer, None) for n, customer in enumerate(batch)])
+    rows = [dict(zip(shared.UPSERT_PARAMS, values, strict=True)) for _, _, values, _ in checked]
+    assert all(row["body"] for row in rows)  # the API's schema takes every generated customer
+    with app.app_context():
+        store = database.open_store(app)
+        try:
+            store.import_batch(rows)
+        finally:
+            store.close()
+    stored = bodies(backend)
+    # Examples share the database: a customer_id seen before is updated, its body made by SQL.
+    for customer in today(backend):
+        assert stored[customer["customer_id"]] == _encode(customer)
 
 
 def a_customer(values: tuple, metadata: dict) -> dict:

@@ -70,10 +70,15 @@ CHANGES = " OR ".join(
     ]
 )
 # The body is written in the statement that writes the row, from the values it writes
-# (schema.body_sql). PostgreSQL computes it as a generated column.
+# (schema.body_sql), or for a created customer from :body, which an import's workers make of
+# the same values with the same function (shared.with_created_body). PostgreSQL computes it as
+# a generated column.
 UPSERT_MANY = f"""
 INSERT INTO customers ({", ".join(INSERTED)}, body)
-VALUES ({", ".join(":" + c for c in INSERTED)}, {body_sql({c: ":" + c for c in COLUMNS})})
+VALUES (
+    {", ".join(":" + c for c in INSERTED)},
+    coalesce(:body, {body_sql({c: ":" + c for c in COLUMNS})})
+)
 ON CONFLICT (customer_id) DO UPDATE SET
     {", ".join(f"{column} = {value}" for column, value in UPDATED.items())},
     body = {body_sql(UPDATED)}
