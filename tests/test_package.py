@@ -2,6 +2,7 @@
 the service is the one package customers_service, and the host's modules stay its own."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -165,10 +166,17 @@ def test_gunicorn_serves_the_installed_package_from_any_folder(installed, host):
         proc.wait(timeout=20)
 
 
-def test_the_repository_root_still_serves_wsgi_app():
+def test_the_repository_root_still_serves_wsgi_app(tmp_path):
+    # Its own key and database: with neither, the app would make a key file in the checkout.
+    env = {
+        **os.environ,
+        "CUSTOMERS_API_KEYS": API_KEY,
+        "CUSTOMERS_DATABASE": str(tmp_path / "root.sqlite3"),
+    }
     result = subprocess.run(
         [sys.executable, "-c", "import wsgi, customers_service.wsgi; print(wsgi.app.name)"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
