@@ -354,8 +354,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.update(test_config)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    app.register_blueprint(bp)  # checks the settings first: a refused start makes no key
     ensure_api_key(app)
-    app.register_blueprint(bp)
     proxies = int(setting("CUSTOMERS_TRUSTED_PROXIES", app))
     if proxies:  # the client's address is the one the nearest of N trusted proxies saw
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)

@@ -276,8 +276,16 @@ def test_metrics_off_counts_nothing_and_serves_no_route(tmp_path):
     ],
 )
 def test_a_bad_operating_setting_stops_the_start(tmp_path, setting, value):
+    keys = tmp_path / "api-keys"
     with pytest.raises(ValueError, match=setting):
-        create_app({"CUSTOMERS_DATABASE": str(tmp_path / "x.sqlite3"), setting: value})
+        create_app(
+            {
+                "CUSTOMERS_DATABASE": str(tmp_path / "x.sqlite3"),
+                "CUSTOMERS_API_KEY_FILE": str(keys),
+                setting: value,
+            }
+        )
+    assert not keys.exists()  # a start refused for its settings makes no key
 
 
 def test_the_in_flight_gauge_counts_the_scrape_itself(client):
