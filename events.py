@@ -1,13 +1,12 @@
 """Events: the feed's query string and the event object, as the feed and webhooks send it."""
 
-import json
-
 from marshmallow import Schema, ValidationError, fields, validate
 from werkzeug.datastructures import MultiDict
 
 from customers_service.list_query import QueryInteger
 from customers_service.responses import ApiError
 from customers_service.schemas import CustomerSchema
+from customers_service.storage import encode_json
 
 FEED_LIMIT = 1000
 
@@ -122,4 +121,4 @@ def event_object(stored: dict) -> dict:
 
 def event_body(event: dict) -> bytes:
     """The event as a webhook's body: compact JSON, as the feed writes it."""
-    return json.dumps(event, separators=(",", ":")).encode()
+    return encode_json(event).encode()

@@ -1,13 +1,12 @@
 """What the API answers: JSON in the contract's key order (customers as their stored bodies),
 and the one error envelope."""
 
-import json
 from http import HTTPStatus
 
 from flask import Response, current_app
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
-from customers_service.storage import Customer
+from customers_service.storage import Customer, encode_json
 
 HTTP_ERROR_CODES = {
     400: "bad_request",
@@ -36,13 +35,9 @@ class ApiError(Exception):
         self.details, self.headers = details, headers or {}
 
 
-# json.dumps with separators builds an encoder at every call: one serves every response.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def json_response(body: dict, status: int = 200) -> Response:
     """``body`` as JSON with its keys in the order given (the contract's), as Flask writes it."""
-    return text_response(_encode(body) + "\n", status)
+    return text_response(encode_json(body) + "\n", status)
 
 
 def text_response(text: str, status: int = 200) -> Response:
@@ -61,7 +56,7 @@ def customers_page_response(customers: list[Customer], meta: dict) -> Response:
     """``{"customers": [...], "meta": {...}}``, the page's stored bodies joined: json_response's
     bytes for the page, without building its objects."""
     bodies = ",".join([customer.body for customer in customers])
-    return text_response('{"customers":[' + bodies + '],"meta":' + _encode(meta) + "}\n")
+    return text_response('{"customers":[' + bodies + '],"meta":' + encode_json(meta) + "}\n")
 
 
 def error_response(

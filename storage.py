@@ -58,6 +58,11 @@ COPIED = {
 }
 KEY_WIDTH = {"webhook_deliveries": 2}  # the others' key is their first value
 
+# The API's JSON: compact, keys in the order given, non-ASCII as \uXXXX (json's ensure_ascii).
+# Responses, webhooks and the stored bodies are all written with it (one encoder: json.dumps
+# with separators builds one at every call).
+encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class Customer(Mapping):
     """A customer as stored: ``body``, its JSON object as the API answers it (the keys of COLUMNS

@@ -15,6 +15,7 @@ from customers_service.storage import (
     OPTIONAL_FIELDS,
     REQUIRED,
     SEARCHED,
+    encode_json,
     fold,
 )
 
@@ -57,9 +58,6 @@ def metadata_json(metadata: Mapping) -> str:
     return _encode_metadata(metadata) if metadata else "{}"
 
 
-# What the API answers: compact, non-ASCII as \uXXXX (responses.py encodes the same way;
-# tests/test_stored_bytes.py holds the two to each other).
-_encode_body = json.JSONEncoder(separators=(",", ":")).encode
 # Each column's key as that encoder writes it, after the brace or the comma before it.
 _BODY_KEYS = tuple(("," if i else "{") + quote_ascii(c) + ":" for i, c in enumerate(COLUMNS))
 _METADATA = COLUMNS.index("metadata")
@@ -76,7 +74,7 @@ def customer_body(*values: str | None) -> str:
         parts.append("null" if value is None else quote_ascii(value))
     metadata = values[_METADATA]  # an object, its keys in code point order
     metadata = {} if metadata == "{}" else dict(sorted(json.loads(metadata).items()))
-    parts[2 * _METADATA + 1] = _encode_body(metadata)
+    parts[2 * _METADATA + 1] = encode_json(metadata)
     parts.append("}")
     return "".join(parts)
 

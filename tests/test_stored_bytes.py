@@ -22,7 +22,8 @@ from customers_service.backends.postgres import schema as pg_schema
 from customers_service.backends.sqlite import connections as sqlite_connections
 from customers_service.backends.sqlite import customers as sqlite_customers
 from customers_service.backends.sqlite import schema as sqlite_schema
-from customers_service.responses import _encode, json_response
+from customers_service.responses import json_response
+from customers_service.storage import encode_json as _encode
 
 API_TIME = 'YYYY-MM-DD"T"HH24:MI:SS"Z"'  # how PostgreSQL's times are written as API text
 HYPOTHESIS = settings(
