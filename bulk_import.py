@@ -4,6 +4,7 @@ processes, and committed in batches with a report of what was refused."""
 import collections
 import csv
 import ctypes
+import functools
 import io
 import json
 import os
@@ -111,9 +112,12 @@ def _is_utf8(customer: dict) -> bool:
     return True
 
 
-def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]:
+def check_rows(
+    rows: list, bodies: bool = True
+) -> list[tuple[int, object, dict | None, dict | None]]:
     """(line number, raw row if refused, upsert parameter values, errors) for a chunk of rows,
-    each parsed if need be and put through the API's schema. Runs in the import's workers."""
+    each parsed if need be and put through the API's schema, with the body of the customer it
+    would create if ``bodies`` (Backend.IMPORT_BODIES). Runs in the import's workers."""
     now = utc_now()
     checked = []
     for number, raw, errors in rows:
@@ -128,7 +132,8 @@ def check_rows(rows: list) -> list[tuple[int, object, dict | None, dict | None]]
             try:
                 fields = schemas.customer_import_schema.load(raw)
                 # Values only, in UPSERT_PARAMS order: the field names are not sent back.
-                values = tuple(with_created_body(upsert_params(fields, now)).values())
+                params = upsert_params(fields, now)
+                values = tuple((with_created_body(params) if bodies else params).values())
                 checked.append((number, None, values, None))
                 continue
             except ValidationError as e:
@@ -165,17 +170,20 @@ def _start_worker(parent: int) -> None:
         os._exit(1)
 
 
-def checked_batches(rows: Iterator, batch_size: int, jobs: int) -> Iterator[list]:
+def checked_batches(
+    rows: Iterator, batch_size: int, jobs: int, bodies: bool = True
+) -> Iterator[list]:
     """check_rows over each batch, in file order, on ``jobs`` worker processes (in-process if 1),
     with only a few batches in flight so memory stays flat whatever the file's size."""
+    check = functools.partial(check_rows, bodies=bodies)
     if jobs == 1:
-        yield from map(check_rows, _chunks(rows, batch_size))
+        yield from map(check, _chunks(rows, batch_size))
         return
     pool = ProcessPoolExecutor(jobs, initializer=_start_worker, initargs=(os.getpid(),))
     try:
         in_flight: collections.deque = collections.deque()
         for chunk in _chunks(rows, batch_size):
-            in_flight.append(pool.submit(check_rows, chunk))
+            in_flight.append(pool.submit(check, chunk))
             if len(in_flight) > 2 * jobs:
                 yield in_flight.popleft().result()
         while in_flight:

@@ -139,10 +139,12 @@ def import_command(file, file_format: str | None, rejects, batch_size: int, jobs
     Creates or migrates the database first, as init-db does.
     """
     file_format = import_format(file, file_format)
-    command_store(prepare=True).close()
+    prepared = command_store(prepare=True)
+    bodies = prepared.backend.IMPORT_BODIES
+    prepared.close()
     rows = jsonl_rows(file) if file_format == "jsonl" else csv_rows(file)
     report = ImportReport(rejects, stream_size(file), file.tell)
-    batches = checked_batches(rows, batch_size, jobs)
+    batches = checked_batches(rows, batch_size, jobs, bodies)
     store = None
     try:
         for checked in batches:

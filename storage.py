@@ -204,6 +204,7 @@ class Backend(Protocol):
 
     Error: type[Exception]  # the driver's base error
     IMPORT_PAUSE: float  # seconds an import pauses per second its batch took (live writers)
+    IMPORT_BODIES: bool  # whether an import's workers make the bodies of customers it creates
     Connections: type[Connections]
 
     def where(self, location: str) -> str:

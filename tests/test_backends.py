@@ -39,6 +39,7 @@ def test_each_backend_implements_every_operation_with_its_signature(name):
         )
     assert issubclass(backend.Error, Exception)
     assert isinstance(backend.IMPORT_PAUSE, float)
+    assert isinstance(backend.IMPORT_BODIES, bool)
     for method in protocol_members(storage.Connections):
         assert parameters(getattr(backend.Connections, method)) == parameters(
             getattr(storage.Connections, method)

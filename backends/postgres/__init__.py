@@ -19,6 +19,7 @@ from customers_service.backends.postgres.copying import (
     write_copied,
 )
 from customers_service.backends.postgres.customers import (
+    IMPORT_BODIES,
     IMPORT_PAUSE,
     count_customers,
     delete_customer,
@@ -44,6 +45,7 @@ from customers_service.backends.postgres.events import (
 )
 
 __all__ = [
+    "IMPORT_BODIES",
     "IMPORT_PAUSE",
     "Connections",
     "Error",

@@ -18,6 +18,7 @@ from customers_service.backends.sqlite.copying import (
     write_copied,
 )
 from customers_service.backends.sqlite.customers import (
+    IMPORT_BODIES,
     IMPORT_PAUSE,
     count_customers,
     delete_customer,
@@ -43,6 +44,7 @@ from customers_service.backends.sqlite.events import (
 )
 
 __all__ = [
+    "IMPORT_BODIES",
     "IMPORT_PAUSE",
     "Connections",
     "Error",

@@ -137,6 +137,7 @@ FROM customers ORDER BY id
 # lock, while the import's worker processes go on checking the next batches, so the import keeps
 # most of its speed (bench/import_live.py measures both).
 IMPORT_PAUSE = 1.0
+IMPORT_BODIES = True  # the one writer takes each created customer's body from the workers
 
 
 # UPSERT_CUSTOMER with its parameters numbered (?1 is UPSERT_PARAMS[0]), given as a tuple:
