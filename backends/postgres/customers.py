@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 import psycopg
 import psycopg.errors
 
+from customers_service.backends.postgres.connections import row_cursor
 from customers_service.backends.postgres.schema import AS_TEXT
 from customers_service.backends.shared import FOLDED, INSERTED, holds_sent, upsert_params
 from customers_service.storage import (
@@ -133,33 +134,34 @@ def upsert_customer(conn: psycopg.Connection, fields: Mapping) -> Customer:
     if holds_sent(stored, fields):
         return stored
     params = upsert_params(fields, utc_now())
+    cursor = row_cursor(conn)
     try:
-        row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
+        row = cursor.execute(UPSERT_CUSTOMER, params).fetchone()
         if row is None:
             with conn.transaction():
-                row = conn.execute(UPSERT_CUSTOMER, params).fetchone()
-                row = row or conn.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchone()
+                row = cursor.execute(UPSERT_CUSTOMER, params).fetchone()
+                row = row or cursor.execute(SELECT_CUSTOMER, (fields["customer_id"],)).fetchone()
     except psycopg.errors.CheckViolation as e:
         if "metadata" in refusal(e):
             raise TooManyMetadataKeys() from None
         raise
-    return Customer(row["body"])
+    return Customer(row[0])
 
 
 def get_customer(conn: psycopg.Connection, customer_id: str) -> Customer | None:
     """Backend.get_customer (an id with NUL, which PostgreSQL's text cannot hold: None)."""
     if "\0" in customer_id:
         return None
-    row = conn.execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
-    return Customer(row["body"]) if row else None
+    row = row_cursor(conn).execute(SELECT_CUSTOMER, (customer_id,)).fetchone()
+    return Customer(row[0]) if row else None
 
 
 def delete_customer(conn: psycopg.Connection, customer_id: str) -> Customer | None:
     """Backend.delete_customer: one statement in autocommit, as the upsert."""
     if "\0" in customer_id:
         return None
-    row = conn.execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
-    return Customer(row["body"]) if row else None
+    row = row_cursor(conn).execute(DELETE_CUSTOMER, (customer_id,)).fetchone()
+    return Customer(row[0]) if row else None
 
 
 def like_pattern(text: str) -> str:
@@ -217,10 +219,11 @@ def list_customers(
     )
     # Filtered, planned for these very values (unprepared): a rare country and one that half
     # the customers have want different plans.
-    rows = conn.execute(statement, params, prepare=False if filters.any() else None).fetchall()
-    total = rows[0]["total_count"] or 0
+    cursor = row_cursor(conn)
+    rows = cursor.execute(statement, params, prepare=False if filters.any() else None).fetchall()
+    total = rows[0][0] or 0
     # A page past the end: one row, without a body.
-    return [Customer(row["body"]) for row in rows if row["body"] is not None], total
+    return [Customer(body) for _, body in rows if body is not None], total
 
 
 def count_customers(conn: psycopg.Connection) -> int:
