@@ -1,6 +1,7 @@
 """PostgreSQL's own machinery: migrations under a lock, the session settings, its faults mapped
 to the contract's 503s, the same bytes as SQLite, and the move from SQLite."""
 
+import gc
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import psycopg
@@ -362,3 +364,19 @@ def assert_full_disk_is_503_and_clears(url: str, small: Path) -> None:
     os.remove(small / "filler")  # the fault clears; nobody restarts anything
     assert post_customer(client, {"customer_id": "after", **big}).status_code == 200
     assert client.get("/api/v1/customers/before", headers=AUTH).status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_closed_connection_and_its_kept_cursor_are_freed(postgres):
+    """The cursor a connection keeps for the customers' statements (row_cursor) goes with it: a
+    pool replaces its connections (a restart, max_lifetime), and none may stay in memory."""
+    name = postgres.new_database()
+    conn = pg_connections.connect(postgres.url(name))
+    assert pg_customers.get_customer(conn, "nobody") is None
+    assert pg_connections.row_cursor(conn) is pg_connections.row_cursor(conn)
+    gone = weakref.ref(conn)
+    conn.close()
+    del conn
+    gc.collect()
+    assert gone() is None
+    postgres.drop_database(name)

@@ -5,7 +5,6 @@ backends/sqlite/connections.py does the same for a database file."""
 import os
 import select
 import threading
-import weakref
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -155,16 +154,15 @@ def check_health(conn: psycopg.Connection, min_free_bytes: int) -> None:
         conn.execute(PROBE_WRITE)
 
 
-_row_cursors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def row_cursor(conn: psycopg.Connection) -> psycopg.Cursor:
     """The connection's cursor for the customers' one-statement requests, made once, giving
     tuples: a new cursor and a dict per row cost a GET more than its statement does on the
-    client (bench/README.md, "PostgreSQL's reads")."""
-    cursor = _row_cursors.get(conn)
+    client (bench/README.md, "PostgreSQL's reads"). Kept on the connection itself, so it goes
+    with it: a map from connections to their cursors would keep both alive (a cursor holds its
+    connection)."""
+    cursor = getattr(conn, "customers_cursor", None)
     if cursor is None:
-        cursor = _row_cursors[conn] = conn.cursor(row_factory=tuple_row)
+        cursor = conn.customers_cursor = conn.cursor(row_factory=tuple_row)
     return cursor
 
 
