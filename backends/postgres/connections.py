@@ -1,5 +1,6 @@
 """PostgreSQL's connections: the session settings, a psycopg_pool pool per process, the check
-that drops a connection the server closed, and the faults the API answers 503 for.
+that drops a connection the server closed, the cursor each keeps for the customers' requests,
+and the faults the API answers 503 for.
 backends/sqlite/connections.py does the same for a database file."""
 
 import os
