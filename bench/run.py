@@ -7,7 +7,8 @@
 
 Starts each server on a fresh copy of a prefilled database, drives it with wrk (bench/wrk.lua
 varies the customer_id), and prints one line per scenario: requests per second, p50 and p99
-latency, errors, and the ratio of its requests per second to the baseline's in the same run.
+latency, errors, and the ratio of its requests per second to the baseline's, measured again
+just before each backend's (and each synchronous setting's) scenarios.
 The service runs under gunicorn.conf.py; the peer (bench/peers/: FastAPI, Pydantic and
 SQLAlchemy on its own table of as many rows) under bench/peers/gunicorn.conf.py, with as many
 uvicorn workers, on the same backend and the same wrk settings. Then a table of each route's
@@ -213,6 +214,23 @@ def peer_postgres_database(cluster: PostgresCluster, rows: int) -> str:
     return url
 
 
+def measure_echo(wrk: str, echo: Server, connections: int, seconds: int) -> dict:
+    """One wrk run of the echo baseline, with its CPU per request."""
+    before = cpu_seconds([echo.proc.pid])
+    result = run_wrk(wrk, echo.port, "echo", connections, seconds, 0)
+    spent = cpu_seconds([echo.proc.pid]) - before
+    return {**result, "cpu_us": spent / max(result["requests"], 1) * 1e6}
+
+
+def echo_line(target: str, connections: int, result: dict) -> str:
+    """The echo's figures before a target's scenarios, as printed and saved."""
+    return (
+        f"baseline echo before {target} c{connections}: {result['rps']:8.0f} rps  "
+        f"p50 {result['p50']:6.2f} ms  p99 {result['p99']:6.2f} ms  errors {result['errors']}  "
+        f"cpu/req {result['cpu_us']:5.0f} us"
+    )
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every process below it."""
     parents: dict[int, list[int]] = {}
@@ -350,21 +368,7 @@ def main() -> None:
     print(header)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        echo = Server("bench.echo_app:app", {})
-        baseline = {}
-        for c in args.connections:
-            before = cpu_seconds([echo.proc.pid])
-            baseline[c] = run_wrk(wrk, echo.port, "echo", c, args.duration, 0)
-            spent = cpu_seconds([echo.proc.pid]) - before
-            baseline[c]["cpu_us"] = spent / max(baseline[c]["requests"], 1) * 1e6
-        echo.stop()
-        for c, result in baseline.items():
-            print(
-                f"baseline echo c{c}: {result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
-                f"p99 {result['p99']:6.2f} ms  errors {result['errors']}  "
-                f"cpu/req {result['cpu_us']:5.0f} us",
-                flush=True,
-            )
+        echoes = []
         # (label, rows, each server's env, extra processes to count the CPU of)
         targets = []
         if "sqlite" in args.backends:
@@ -390,6 +394,10 @@ def main() -> None:
                         }
                     targets.append((sync, rows, envs, []))
         cluster = None
+        # Kept running, idle between its runs: measured again before each target's scenarios,
+        # so that a drift of this shared machine's speed during the run falls on both sides of
+        # a ratio (measured once, at the start, it made every later ratio drift with it).
+        echo = Server("bench.echo_app:app", {})
         try:
             if "postgres" in args.backends:
                 cluster = PostgresCluster(shared_buffers="1GB")  # holds the 1M-row table
@@ -404,6 +412,10 @@ def main() -> None:
                         envs["peer"] = {"PEER_DATABASE_URL": peer_postgres_database(cluster, rows)}
                     targets.append(("PG", rows, envs, [postmaster]))
             for label, rows, envs, extra in targets:
+                baseline = {c: measure_echo(wrk, echo, c, args.duration) for c in args.connections}
+                for c, result in baseline.items():
+                    echoes.append(echo_line(f"{label} {rows:,} rows", c, result))
+                    print(echoes[-1], flush=True)
                 # Both servers of a target run at once, idle while the other is measured, so
                 # that each scenario measures them one right after the other.
                 servers = {
@@ -444,6 +456,7 @@ def main() -> None:
                     print(f"worker RSS after {kind} {label} {rows:,}: {rss} MB", flush=True)
                     server.stop()
         finally:
+            echo.stop()
             if cluster is not None:
                 cluster.remove()
         if "sqlite" in args.backends and "ours" in args.servers and not args.peers:
@@ -454,12 +467,7 @@ def main() -> None:
         print("\n".join(side_by_side))
     with open(os.path.join(RESULTS, "results.txt"), "w") as f:
         f.write(header + "\n")
-        for c, result in baseline.items():
-            f.write(
-                f"baseline echo c{c}: {result['rps']:.0f} rps p50 {result['p50']:.2f} ms "
-                f"p99 {result['p99']:.2f} ms errors {result['errors']} "
-                f"cpu/req {result['cpu_us']:.0f} us\n"
-            )
+        f.write("".join(line + "\n" for line in echoes))
         for r in lines:
             f.write(
                 f"{r['scenario']} c{r['connections']} {r['rows']} {r['sync']} {r['server']} "
