@@ -25,6 +25,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from search_index import words  # noqa: E402  (the same vocabulary as that bench's)
 
 from customers_service.backends.shared import FOLDED  # noqa: E402
 from customers_service.backends.sqlite import connections as sqlite_connections  # noqa: E402
@@ -143,13 +146,6 @@ def search_sql(variant: dict | None, term: str) -> tuple[str, str, tuple]:
     page = f"SELECT id FROM customers WHERE {found} AND {anywhere} {order}"
     count = f"SELECT count(*) FROM customers WHERE {found} AND {anywhere}"
     return page, count, (query, term)
-
-
-def words(count: int) -> list[str]:
-    """Random lower-case words of 4 to 9 letters."""
-    rnd = random.Random(1)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return ["".join(rnd.choices(letters, k=rnd.randint(4, 9))) for _ in range(count)]
 
 
 VOCABULARY = words(3000)
