@@ -57,6 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_pids(master: int) -> list[int]:
+    """The pids of a gunicorn master's workers."""
+    with open(f"/proc/{master}/task/{master}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def worker_rss_mb(master: int) -> list[float]:
+    """Resident memory of each worker of a gunicorn master, in MB."""
+    sizes = []
+    for pid in worker_pids(master):
+        with open(f"/proc/{pid}/status") as f:
+            sizes += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")]
+    return sizes
+
+
 def ensure_wrk() -> str:
     """wrk from Debian's packages, installed if missing."""
     if not shutil.which("wrk"):
@@ -96,14 +111,7 @@ class Server:
 
     def worker_rss_mb(self) -> list[float]:
         """Resident memory of each worker, in MB."""
-        pid = self.proc.pid
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
-        sizes = []
-        for child in children:
-            with open(f"/proc/{child}/status") as f:
-                sizes += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS")]
-        return sizes
+        return worker_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)

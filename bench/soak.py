@@ -27,27 +27,11 @@ import requests
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from run import worker_pids, worker_rss_mb  # noqa: E402
 from support.postgres_cluster import PostgresCluster  # noqa: E402
 from support.servers import free_port  # noqa: E402
 
 KEY = "soak-key"
-
-
-def worker_pids(master: int) -> list[int]:
-    """The pids of a gunicorn master's workers."""
-    with open(f"/proc/{master}/task/{master}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def worker_rss_mb(master: int) -> list[float]:
-    """Resident memory of each worker of a gunicorn master, in MB."""
-    sizes = []
-    for pid in worker_pids(master):
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    sizes.append(int(line.split()[1]) / 1024)
-    return sizes
 
 
 class Mix:
