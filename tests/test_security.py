@@ -88,6 +88,28 @@ def test_key_comparison(presented, keys, valid):
     assert key_is_valid(presented, keys) is valid
 
 
+def test_a_settings_key_skips_the_key_file_and_a_file_key_reads_it_each_time(
+    app, client, tmp_path, monkeypatch
+):
+    from customers_service import api_keys
+
+    key_file = tmp_path / "api-keys"
+    key_file.write_text("cus_from-the-file\n")
+    reads = []
+    read_key_file = api_keys.read_key_file
+    monkeypatch.setattr(
+        api_keys, "read_key_file", lambda path: reads.append(path) or read_key_file(path)
+    )
+    url = "/api/v1/customers/nobody"
+    assert client.get(url, headers=AUTH).status_code == 404
+    assert reads == []  # the settings' key: in memory, no system call for the file
+    file_key = {"Authorization": "Bearer cus_from-the-file"}
+    assert client.get(url, headers=file_key).status_code == 404
+    key_file.write_text("cus_another\n")  # revoked: the next request sees it
+    assert client.get(url, headers=file_key).status_code == 401
+    assert reads == [str(key_file)] * 2
+
+
 @pytest.mark.system
 def test_database_key_file_and_instance_folder_are_private(server, tmp_path, db_path):
     session = requests.Session()
