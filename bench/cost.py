@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from versions import add_worktree, remove_worktree, shim  # noqa: E402
+from wsgi_calls import KEY  # noqa: E402
 
 PHASES = ("echo", "insert", "update", "no-op", "get", "list")
 # An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
@@ -38,13 +39,13 @@ PHASES = ("echo", "insert", "update", "no-op", "get", "list")
 # stored body, in a version that stores them).
 # What an insert costs beyond them is Flask's and Werkzeug's machinery and the hooks.
 PIECES = ("parse", "load", "store", "respond")
-KEY = "bench-key"
 
 # Run under callgrind or strace, with the repository's parent on the path as customers_service.
 CHILD = r"""
-import contextlib, io, json, os, sys
+import contextlib, json, os, sys
 sys.path.insert(0, sys.argv[3])
 from bench.echo_app import app as echo
+from bench.wsgi_calls import SEED, customer, environ
 from customers_service import database, storage
 try:
     from customers_service.backends.shared import upsert_params
@@ -63,30 +64,9 @@ service = create_app(config)
 database.prepare_database(service)
 store = database.open_store(service)
 now = storage.utc_now()
-seed = {"name": "Gavin Belson", "country": "US", "address_line1": "5230 Penfield Ave",
-        "state": "CA", "zipcode": "91364", "email": "dinesh@piedpiper.test",
-        "city": "Woodland Hills", "url": "http://hooli.com", "phone": "1-171-883-3711 x245",
-        "legal_name": "Coleman-Blair", "legal_number": "49-008-2965"}
-store.import_batch([upsert_params({**seed, "customer_id": f"old-{i}"}, now)
+store.import_batch([upsert_params({**SEED, "customer_id": f"old-{i}"}, now)
                     for i in range(1000)])
 store.close()
-AUTH = "Bearer bench-key"
-
-def environ(method, path, body=None, query=""):
-    data = json.dumps(body).encode() if body is not None else b""
-    env = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path,
-           "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000",
-           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
-           "HTTP_AUTHORIZATION": AUTH, "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(data),
-           "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": True,
-           "wsgi.run_once": False, "wsgi.version": (1, 0)}
-    if body is not None:
-        env["CONTENT_TYPE"] = "application/json"
-        env["CONTENT_LENGTH"] = str(len(data))
-    return env
-
-def customer(customer_id):
-    return {"customer": {**seed, "customer_id": customer_id}}
 
 def requests_of(phase, n, offset):
     if phase == "echo":
