@@ -6,7 +6,7 @@ import json
 import sys
 
 KEY = "bench-key"
-# The customer each in-process benchmark stores and sends (bench/wrk.lua's, without nulls).
+# The customer each in-process benchmark stores and sends (bench/wrk.lua's but its logo_url).
 SEED = {
     "name": "Gavin Belson",
     "country": "US",
