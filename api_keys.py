@@ -139,7 +139,8 @@ def key_opens(token: str, app: Flask) -> bool:
 
     The settings' keys are checked first, in memory: a token among them is let in without a
     look at the key file, whose check is a system call on every request (and a raised
-    FileNotFoundError where there is no file), about 5% of a GET's CPU (bench/README.md).
+    FileNotFoundError where there is no file), about 4% of a GET's CPU (bench/README.md, "the
+    key check").
     """
     return key_is_valid(token, configured_keys(app)) or key_is_valid(
         token, read_key_file(setting("CUSTOMERS_API_KEY_FILE", app))
