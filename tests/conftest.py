@@ -2,6 +2,7 @@
 tests start themselves), its client, an in-memory connection, a real gunicorn. The helpers the
 tests import live in support/."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ BACKENDS = ("sqlite", pytest.param("postgres", marks=pytest.mark.postgres))
 
 # A test that asks for one of these fixtures needs what the mark says.
 FIXTURE_MARKS = {"postgres": "postgres", "server": "system"}
+
+
+def pytest_configure(config):
+    """Ctrl-C as a terminal delivers it, whoever started the run.
+
+    A shell without job control starts a command put in the background (``make test &``) with
+    SIGINT ignored; Python then installs no KeyboardInterrupt handler, and the commands the
+    tests start inherit the ignored signal. The tests of Ctrl-C would then fail for the way the
+    run was started, not for the code.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc):
