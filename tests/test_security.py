@@ -9,7 +9,7 @@ import requests
 from support.data import SEED
 from support.service import API_KEY, AUTH, post_customer, started_app
 
-from customers_service import storage
+from customers_service import api_keys, storage
 from customers_service.app import key_is_valid
 
 # API.md's routes without a key, and the docs page's own assets.
@@ -91,8 +91,6 @@ def test_key_comparison(presented, keys, valid):
 def test_a_settings_key_skips_the_key_file_and_a_file_key_reads_it_each_time(
     app, client, tmp_path, monkeypatch
 ):
-    from customers_service import api_keys
-
     key_file = tmp_path / "api-keys"
     key_file.write_text("cus_from-the-file\n")
     reads = []
