@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from in_process import KEY, database_config  # noqa: E402
 from versions import add_worktree, remove_worktree, shim  # noqa: E402
-from wsgi_calls import KEY  # noqa: E402
 
 PHASES = ("echo", "insert", "update", "no-op", "get", "list")
 # An insert's own pieces, each called alone: the strict JSON parse of its body, the schema's
@@ -45,7 +45,7 @@ CHILD = r"""
 import contextlib, json, os, sys
 sys.path.insert(0, sys.argv[3])
 from bench.echo_app import app as echo
-from bench.wsgi_calls import SEED, customer, environ
+from bench.in_process import SEED, customer, environ
 from customers_service import database, storage
 try:
     from customers_service.backends.shared import upsert_params
@@ -235,22 +235,14 @@ def main() -> None:
         code = add_worktree(args.commit, os.path.join(tmp, "code"))
     try:
         for backend in args.backends:
+            where, started = database_config(backend, tmp, "cost")
+            cluster = started or cluster
             config = {
                 "CUSTOMERS_API_KEYS": KEY,
                 "CUSTOMERS_API_KEY_FILE": os.path.join(tmp, "api-keys"),
                 **extra,
+                **where,
             }
-            if backend == "sqlite":
-                config["CUSTOMERS_DATABASE"] = os.path.join(tmp, "cost.sqlite3")
-                config["CUSTOMERS_SQLITE_SYNCHRONOUS"] = "NORMAL"
-            else:
-                from support.postgres_cluster import PostgresCluster
-
-                cluster = PostgresCluster()
-                cluster.init()
-                cluster.start()
-                cluster.admin("CREATE DATABASE cost")
-                config["CUSTOMERS_DATABASE_URL"] = cluster.url("cost")
             counted = instructions(config, args, tmp, code)
             reset(backend, config, cluster)
             calls = system_calls(config, args, tmp, code)

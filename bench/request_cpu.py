@@ -33,7 +33,7 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 from echo_app import app as echo  # noqa: E402
-from wsgi_calls import KEY, SEED, customer, environ  # noqa: E402
+from in_process import KEY, SEED, customer, database_config, environ  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
@@ -124,19 +124,9 @@ def main() -> None:
     cluster = None
     try:
         for backend in args.backends:
-            config = {"CUSTOMERS_API_KEY_FILE": os.path.join(tmp, "api-keys")}
-            if backend == "sqlite":
-                config["CUSTOMERS_DATABASE"] = os.path.join(tmp, "cpu.sqlite3")
-                config["CUSTOMERS_SQLITE_SYNCHRONOUS"] = "NORMAL"
-            else:
-                from support.postgres_cluster import PostgresCluster
-
-                cluster = PostgresCluster()
-                cluster.init()
-                cluster.start()
-                cluster.admin("CREATE DATABASE cpu")
-                config["CUSTOMERS_DATABASE_URL"] = cluster.url("cpu")
-            app = service_on(config)
+            config, started = database_config(backend, tmp, "cpu")
+            cluster = started or cluster
+            app = service_on({**config, "CUSTOMERS_API_KEY_FILE": os.path.join(tmp, "api-keys")})
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
                 medians = measure(app, args.rounds, args.requests)  # access lines to devnull
             report(backend, medians)
