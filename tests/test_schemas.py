@@ -1,6 +1,10 @@
-"""The customer schema's shorter road for valid customers: the same result as marshmallow's."""
+"""The customer schema's shorter road for valid customers: the same result as marshmallow's; and
+its patterns compiled when it is imported, not at a worker's first upsert."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,3 +45,29 @@ def test_the_schemas_shorter_road_loads_exactly_what_marshmallows_load_does(cust
         whole = outcome(lambda data, schema=schema: Schema.load(schema, data))
         shorter = outcome(schema.load)
         assert json.dumps(shorter) == json.dumps(whole)  # the keys' order too
+
+
+# A fresh interpreter: patterns compiled by earlier tests would hide one compiled late.
+FIRST_CHECKS = textwrap.dedent(
+    """
+    import re._compiler
+
+    import customers_service.app  # what gunicorn.conf.py's on_starting imports before forking
+    from customers_service.schemas import SEED_EXAMPLE, customer_import_schema, customer_schema
+
+    compiled = []
+    compile_pattern = re._compiler.compile
+    re._compiler.compile = lambda *args: compiled.append(args[0]) or compile_pattern(*args)
+    customer_schema.load(dict(SEED_EXAMPLE))
+    customer_import_schema.load(dict(SEED_EXAMPLE))
+    print(compiled)
+    """
+)
+
+
+def test_importing_the_service_compiles_every_pattern_an_upserts_checks_use():
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_CHECKS], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # marshmallow's URL rule compiled it at the first check
