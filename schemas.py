@@ -108,9 +108,9 @@ def http_url(description: str, example: str) -> fields.String:
     rule = validate.URL(
         relative=False, require_tld=False, schemes={"http", "https"}, error="invalid_url_format"
     )
-    # Marshmallow compiles a URL rule's pattern at its first check, about 40 ms; checking the
+    # Marshmallow compiles a URL rule's pattern at its first check, 40 to 60 ms; checking the
     # example compiles it now, at import, so gunicorn's master does it once before it forks
-    # rather than each worker on its first upsert (bench/README.md: a cold start).
+    # rather than each worker on its first upsert (bench/README.md: a worker's first upsert).
     rule(example)
     return optional_text(
         description + " An absolute http or https URL.", 2048, rule, example=example, format="uri"
