@@ -1,5 +1,6 @@
 -- wrk script: the scenario comes from the SCENARIO environment variable.
---   insert: new customer_ids; update: ids from a set of 1,000; mix: half and half;
+--   insert: new customer_ids; update: ids from a set of 1,000, the same values each time (only
+--   an id's first update writes); mix: half and half;
 --   get: one customer by id (from the prefilled ones); list: page 1 of 20; echo: the insert body.
 local scenario = os.getenv("SCENARIO") or "insert"
 local key = os.getenv("API_KEY") or "bench-key"
