@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --duration 5 --rows 1000 --sync FULL --connections 16
     .venv/bin/python bench/run.py --backends postgres --scenarios mix get list
     .venv/bin/python bench/run.py --peers --duration 5 --rows 1000   # the quick comparison
+    .venv/bin/python bench/run.py --database-cpus 1 --backends postgres   # PostgreSQL apart
 
 Starts each server on a fresh copy of a prefilled database, drives it with wrk (bench/wrk.lua
 varies the customer_id), and prints one line per scenario: requests per second, p50 and p99
@@ -15,6 +16,9 @@ uvicorn workers, on the same backend and the same wrk settings. Then a table of 
 ratio, ours and the peer's, side by side. Writes the tables to bench/results/results.txt, a
 chart of the ratios to bench/results/ratios.png, and a profile of the upsert path to
 bench/results/profile-upsert.txt.
+With --database-cpus N, PostgreSQL runs on the last N cores and everything else (the echo, the
+servers, wrk) on the others, as with a database on a host of its own; by default all share every
+core.
 """
 
 import argparse
@@ -347,6 +351,17 @@ def comparison(lines: list[dict]) -> list[str]:
     return table
 
 
+@contextlib.contextmanager
+def cpus_of(cpus: set[int]):
+    """This process (and what it starts meanwhile) on ``cpus`` only, then as it was."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def main() -> None:
     """Run the baseline and every scenario of each server; print and save the tables, the chart
     and the profile."""
@@ -364,7 +379,19 @@ def main() -> None:
         help="the quick comparison of ours and the peer: FULL and 16 connections unless given, "
         "no profile",
     )
+    parser.add_argument(
+        "--database-cpus",
+        type=int,
+        default=0,
+        help="PostgreSQL's own cores, the last N; the rest for everything else (0: all share)",
+    )
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 <= args.database_cpus < len(cpus):
+        parser.error(f"--database-cpus: from 0 to {len(cpus) - 1} here")
+    database_cpus = set(cpus[len(cpus) - args.database_cpus :]) if args.database_cpus else set()
+    # Set before any process starts: the echo, the servers and wrk inherit it.
+    os.sched_setaffinity(0, set(cpus) - database_cpus)
     args.sync = args.sync or (["FULL"] if args.peers else ["FULL", "NORMAL"])
     args.connections = args.connections or ([16] if args.peers else [16, 64])
     wrk = ensure_wrk()
@@ -373,6 +400,9 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores "
         f"python {platform.python_version()} sqlite {sqlite3.sqlite_version}"
     )
+    if database_cpus:
+        rest = sorted(set(cpus) - database_cpus)
+        header += f", PostgreSQL on cores {sorted(database_cpus)}, the rest on {rest}"
     print(header)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -410,7 +440,8 @@ def main() -> None:
             if "postgres" in args.backends:
                 cluster = PostgresCluster(shared_buffers="1GB")  # holds the 1M-row table
                 cluster.init()
-                cluster.start()
+                with cpus_of(database_cpus or set(cpus)):  # the postmaster and its children
+                    cluster.start()
                 postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
                 for rows in args.rows:
                     envs = {}
