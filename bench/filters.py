@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from in_process import remove_throwaways  # noqa: E402
 from support.postgres_cluster import PostgresCluster  # noqa: E402
 
 from customers_service import database, storage  # noqa: E402
@@ -252,10 +252,7 @@ def main() -> None:
                 for backend, app in apps.items():
                     print(f"\n{name} on {backend}: {query}\n{explain(app, query)}")
     finally:
-        database.close_connections()
-        if cluster is not None:
-            cluster.remove()
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_throwaways(tmp, cluster)
 
 
 if __name__ == "__main__":

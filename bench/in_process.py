@@ -1,12 +1,14 @@
-"""What the benchmarks that call the apps in-process share (cost.py, request_cpu.py): requests
-as WSGI environs, with no server and no socket, so that next to nothing is spent outside the
-app; and a throwaway database of either backend."""
+"""What the benchmarks that call the apps in-process share (cost.py, request_cpu.py,
+filters.py): requests as WSGI environs, with no server and no socket, so that next to nothing is
+spent outside the app; and a throwaway database of either backend, and its removal."""
 
 import io
 import json
 import os
+import shutil
 import sys
 
+from customers_service import database
 from customers_service.schemas import SEED_EXAMPLE
 
 KEY = "bench-key"
@@ -31,6 +33,15 @@ def database_config(backend: str, folder: str, name: str) -> tuple[dict, object]
     cluster.start()
     cluster.admin(f"CREATE DATABASE {name}")
     return {"CUSTOMERS_DATABASE_URL": cluster.url(name)}, cluster
+
+
+def remove_throwaways(folder: str, cluster) -> None:
+    """Close this process's connections, then remove the cluster (None: none was started) and
+    the folder."""
+    database.close_connections()
+    if cluster is not None:
+        cluster.remove()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def environ(method: str, path: str, body: dict | None = None, query: str = "") -> dict:

@@ -33,7 +33,14 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 from echo_app import app as echo  # noqa: E402
-from in_process import KEY, SEED, customer, database_config, environ  # noqa: E402
+from in_process import (  # noqa: E402
+    KEY,
+    SEED,
+    customer,
+    database_config,
+    environ,
+    remove_throwaways,
+)
 
 from customers_service import database, storage  # noqa: E402
 from customers_service.app import create_app  # noqa: E402
@@ -131,10 +138,7 @@ def main() -> None:
                 medians = measure(app, args.rounds, args.requests)  # access lines to devnull
             report(backend, medians)
     finally:
-        database.close_connections()
-        if cluster is not None:
-            cluster.remove()
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_throwaways(tmp, cluster)
 
 
 if __name__ == "__main__":
