@@ -389,7 +389,7 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if not 0 <= args.database_cpus < len(cpus):
         parser.error(f"--database-cpus: from 0 to {len(cpus) - 1} here")
-    database_cpus = set(cpus[len(cpus) - args.database_cpus :]) if args.database_cpus else set()
+    database_cpus = set(cpus[len(cpus) - args.database_cpus :])  # none for 0
     # Set before any process starts: the echo, the servers and wrk inherit it.
     os.sched_setaffinity(0, set(cpus) - database_cpus)
     args.sync = args.sync or (["FULL"] if args.peers else ["FULL", "NORMAL"])
